@@ -1,0 +1,269 @@
+"""Public compat loss: validate the inputs, choose a backend, run it."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import _dispatch
+from .ops.compat_loss.function import (
+    MASK_MODES, MASK_TENSOR, CompatLossFunction, compat_loss_rows, stats_from_rows,
+)
+from .ops.compat_loss.reference import (
+    MASKS, MASKS_NEEDING_NEW, REDUCTIONS, CompatStats, compat_loss_reference,
+    sequence_likelihood_mask, sequence_segments,
+)
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_float_tensor(name: str, x, lead_shape, vocab: int, device) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but logits is on {device}")
+    if x.shape[:-1] != lead_shape or x.shape[-1] != vocab:
+        extra = (" (MUSCLE needs one tokenizer: teachers and student share the vocabulary)"
+                 if x.shape[:-1] == lead_shape else "")
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected "
+                         f"{tuple(lead_shape) + (vocab,)}{extra}")
+    if x.requires_grad:
+        raise ValueError(f"{name} requires grad: teachers are frozen, pass {name}.detach() "
+                         "(or compute it under torch.no_grad())")
+
+
+def _check_token_tensor(name: str, x, lead_shape, device, *, integer: bool) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if integer and (x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integer ids (int64), got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but logits is on {device}")
+    if x.shape != lead_shape and x.shape != (lead_shape.numel(),):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(lead_shape)} "
+                         f"(or [{lead_shape.numel()}]) to match logits {tuple(lead_shape)} x vocab")
+    return x.reshape(-1)
+
+
+def _check_number(name: str, value, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (value <= 0 if positive else value < 0):
+        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+    return value
+
+
+def fused_compat_loss(
+    logits: Tensor,
+    labels: Tensor,
+    old_logits: Optional[Tensor] = None,
+    new_logits: Optional[Tensor] = None,
+    *,
+    mask: Union[str, Tensor] = "muscle",
+    temperature: float = 2.0,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: Union[None, int, float, Tensor] = None,
+    sequence_ids: Optional[Tensor] = None,
+    inplace_backward: bool = False,
+    impl: str = "auto",
+    return_stats: bool = False,
+    validate: bool = True,
+):
+    """MUSCLE's masked teacher-student loss, fused over the vocabulary.
+
+    Equals, per token ``i`` (rows of ``logits.flatten(0, -2)``), then reduced over valid tokens::
+
+        ls = log_softmax(logits / T, -1); lo = log_softmax(old_logits / T, -1)
+        ln = log_softmax(new_logits / T, -1)
+        kl_old = (lo.exp() * (lo - ls)).sum(-1); kl_new = (ln.exp() * (ln - ls)).sum(-1)
+        ce = cross_entropy(logits, labels, reduction="none")
+        loss_i = kl_weight * where(m, kl_old, kl_new) + ce_weight * ce
+
+    with ``m`` the token mask (``mask=``: ``"muscle"`` aligns token i to the old model where the
+    student's argmax misses the label; see SPEC section 2 for every mask). Forward and gradient
+    run in one fused kernel (Triton on CUDA, C++ on CPU); the backward reuses that gradient.
+
+    Args:
+        logits: student logits [N, V] or [B, T, V], fp32/bf16/fp16, unit stride on V.
+        labels: int64 ids [N] or [B, T]; ``logits[i]`` predicts ``labels[i]`` (callers shift).
+        old_logits: frozen logits of the old task model (required by every mask).
+        new_logits: frozen logits of the new task model (required by ``"muscle"``,
+            ``"token_likelihood"``, ``"sequence_likelihood"``; optional otherwise, its term is 0).
+        mask: a mask name, or a bool/0-1 tensor [N] or [B, T] (1 = align to old).
+        temperature: T > 0 of the KL terms (the CE is at T = 1). No hidden T**2 factor.
+        kl_weight, ce_weight: weights >= 0; a term with weight 0 is left out.
+        ignore_index: label of tokens that contribute nothing.
+        reduction: ``"mean"`` over valid tokens, ``"sum"`` or ``"none"``.
+        num_items: for ``"mean"``, divide by this global token count instead (gradient
+            accumulation, data parallel).
+        sequence_ids: for ``"sequence_likelihood"`` on packed rows: runs of equal ids are sequences.
+        inplace_backward: the gradient overwrites ``logits`` (saves one [N, V] buffer); do not
+            use ``logits`` after the call. Fused backends only, outside ``torch.compile``.
+        impl: ``"auto"``, ``"triton"``, ``"native"`` or ``"torch"`` (then ``MUSCLE_FAST_IMPL``).
+        return_stats: also return a :class:`CompatStats` computed in the same pass.
+        validate: check that labels lie in ``[0, V)`` (one small host sync on GPU). Without it a
+            bad label makes its token's loss NaN. Skipped inside ``torch.compile``.
+
+    Returns:
+        The loss (float32, 0-dim, or the leading shape for ``"none"``), or ``(loss, stats)``.
+
+    Shape:
+        logits, old_logits, new_logits: [N, V] or [B, T, V]; labels, mask, sequence_ids: [N] or
+        [B, T]; the gradient has the shape and dtype of ``logits``.
+    """
+    # --- checks of types, shapes, devices and options: free, always on ---
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+    if logits.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    device, vocab, lead = logits.device, logits.shape[-1], logits.shape[:-1]
+    if vocab == 0:
+        raise ValueError("logits has an empty vocabulary dimension")
+    labels_flat = _check_token_tensor("labels", labels, lead, device, integer=True)
+    if old_logits is None:
+        raise ValueError("old_logits is required: every mask aligns some tokens to the old model")
+    _check_float_tensor("old_logits", old_logits, lead, vocab, device)
+    if new_logits is not None:
+        _check_float_tensor("new_logits", new_logits, lead, vocab, device)
+    if isinstance(mask, str):
+        if mask not in MASKS:
+            raise ValueError(f"mask={mask!r} is not one of {MASKS} or a tensor")
+        if mask in MASKS_NEEDING_NEW and new_logits is None:
+            raise ValueError(f"mask={mask!r} needs new_logits (the new task model's logits)")
+        mask_flat = None
+    elif isinstance(mask, Tensor):
+        if mask.dtype.is_complex:
+            raise TypeError(f"mask tensor must be bool or 0/1 numbers, got {mask.dtype}")
+        mask_flat = _check_token_tensor("mask", mask, lead, device, integer=False)
+    else:
+        raise TypeError(f"mask must be a name or a tensor, got {type(mask).__name__}")
+    if sequence_ids is not None:
+        if mask != "sequence_likelihood":
+            raise ValueError("sequence_ids is only used by mask='sequence_likelihood'")
+        _check_token_tensor("sequence_ids", sequence_ids, lead, device, integer=True)
+    temperature = _check_number("temperature", temperature, positive=True)
+    kl_weight = _check_number("kl_weight", kl_weight, positive=False)
+    ce_weight = _check_number("ce_weight", ce_weight, positive=False)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    if num_items is not None:
+        if reduction != "mean":
+            raise ValueError("num_items is the divisor of reduction='mean'; "
+                             f"it has no meaning with reduction={reduction!r}")
+        if isinstance(num_items, Tensor):
+            if num_items.numel() != 1:
+                raise ValueError(f"num_items must hold one number, got shape {tuple(num_items.shape)}")
+            if num_items.device != device and num_items.device.type != "cpu":
+                raise ValueError(f"num_items is on {num_items.device} but logits is on {device}")
+        else:
+            _check_number("num_items", num_items, positive=True)
+    impl = _dispatch.choose_impl(impl, device, logits.dtype)
+    if impl != "torch" and (old_logits.dtype == torch.float64 or
+                            (new_logits is not None and new_logits.dtype == torch.float64)):
+        raise TypeError(f"impl={impl!r} takes float32/bfloat16/float16 teachers, got float64")
+
+    # --- the one check that reads values: one small sync, optional ---
+    if validate and not torch.compiler.is_compiling() and labels_flat.numel() > 0:
+        bad_label = ((labels_flat < 0) | (labels_flat >= vocab)) & (labels_flat != ignore_index)
+        checks = [bad_label.any()]
+        if mask_flat is not None:
+            checks.append(((mask_flat != 0) & (mask_flat != 1)).any())
+        flags = torch.stack(checks).tolist()
+        if flags[0]:
+            first = labels_flat[bad_label][0].item()
+            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
+                             f"found {first}")
+        if len(flags) > 1 and flags[1]:
+            raise ValueError("mask tensor must hold only 0/1 (or bool) values")
+
+    if impl == "torch":
+        out = compat_loss_reference(
+            logits, labels_flat.view(lead), old_logits, new_logits,
+            mask=mask if mask_flat is None else mask_flat, temperature=temperature,
+            kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index,
+            reduction=reduction, num_items=num_items, sequence_ids=sequence_ids,
+            return_stats=return_stats)
+        if not return_stats:
+            return out
+        loss, stats = out
+        if logits.dtype != torch.float64:
+            for name, value in vars(stats).items():
+                if value is not None:
+                    setattr(stats, name, value.float())
+        return loss, stats
+
+    # --- fused backends: [B, T, V] views (no copy unless the vocabulary stride is not 1) ---
+    def as_3d(x: Tensor) -> Tensor:
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        return x.unsqueeze(0) if x.dim() == 2 else x
+
+    z3, old3 = as_3d(logits), as_3d(old_logits)
+    new3 = None if new_logits is None else as_3d(new_logits)
+    y = labels_flat.to(torch.int64).contiguous()
+    valid = y != ignore_index
+    n_valid = valid.sum().to(torch.float32)
+    if reduction != "mean":
+        scale = torch.ones((), dtype=torch.float32, device=device)
+    elif num_items is not None:
+        scale = 1.0 / torch.as_tensor(num_items, dtype=torch.float32, device=device).reshape(())
+    else:
+        scale = 1.0 / n_valid.clamp(min=1)
+
+    inv_t = 1.0 / temperature
+    if mask_flat is not None:
+        mask_mode, m = MASK_TENSOR, mask_flat.to(torch.float32).contiguous()
+    elif mask == "sequence_likelihood":
+        with torch.no_grad():
+            rows, _ = compat_loss_rows(
+                z3.detach(), y, old3, None, None, scale, impl, MASK_MODES["all_old"], inv_t,
+                0.0, 0.0, ignore_index, True, False)
+            segments = sequence_segments(lead, sequence_ids, device)
+            m = sequence_likelihood_mask(-rows[:, 7], rows[:, 8], valid, segments).float()
+        mask_mode = MASK_TENSOR
+    else:
+        mask_mode, m = MASK_MODES[mask], None
+
+    loss, rows = CompatLossFunction.apply(
+        z3, y, old3, new3, m, scale, impl, mask_mode, inv_t, kl_weight, ce_weight,
+        int(ignore_index), reduction, bool(inplace_backward))
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    return loss, stats_from_rows(rows, n_valid, new_logits is not None)
+
+
+class FusedCompatLoss(nn.Module):
+    """Module form of :func:`fused_compat_loss`: stores the options, nothing else.
+
+    ``FusedCompatLoss(mask="muscle", temperature=2.0)(logits, labels, old_logits, new_logits)``
+    equals ``fused_compat_loss(logits, labels, old_logits, new_logits, mask="muscle",
+    temperature=2.0)``.
+    """
+
+    def __init__(self, **options):
+        super().__init__()
+        self.options = options
+
+    def forward(self, logits, labels, old_logits=None, new_logits=None, **overrides):
+        return fused_compat_loss(logits, labels, old_logits, new_logits,
+                                 **{**self.options, **overrides})
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+
+
+__all__ = ["fused_compat_loss", "FusedCompatLoss", "CompatStats"]

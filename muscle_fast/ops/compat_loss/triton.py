@@ -1,0 +1,295 @@
+"""Triton kernels of the compat loss: one program per token row (math and contract: README.md)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+N_ROW_STATS = 9
+# A row whose vocabulary fits in one block of at most this many columns is read once and kept in
+# registers; longer rows are streamed in LOOP_BLOCK_V columns and read twice.
+MAX_FUSED_BLOCK_V = 8192
+LOOP_BLOCK_V = 4096
+
+
+@triton.jit
+def _max_arg_step(x, cols, V, best, arg):
+    blk = tl.max(x, 0)
+    blk_arg = tl.min(tl.where(x == blk, cols, V), 0).to(tl.int32)
+    # strictly greater: the earlier block keeps ties (first index, as torch.argmax)
+    arg = tl.where(blk > best, blk_arg, arg)
+    return tl.maximum(best, blk), arg
+
+
+@triton.jit
+def _student_step(z, cols, V, y, best, arg, s_t, s_1, z_y, inv_t):
+    new_best, arg = _max_arg_step(z, cols, V, best, arg)
+    safe = tl.where(new_best == float("-inf"), 0.0, new_best)
+    s_1 = s_1 * tl.exp(best - safe) + tl.sum(tl.exp(z - safe), 0)
+    s_t = s_t * tl.exp((best - safe) * inv_t) + tl.sum(tl.exp((z - safe) * inv_t), 0)
+    z_y += tl.sum(tl.where(cols == y, z, 0.0), 0)
+    return new_best, arg, s_t, s_1, z_y
+
+
+@triton.jit
+def _teacher_step(x, z, cols, V, y, best, arg, s, a, s_1, x_y, inv_t, AT_ONE: tl.constexpr):
+    new_best, arg = _max_arg_step(x, cols, V, best, arg)
+    safe = tl.where(new_best == float("-inf"), 0.0, new_best)
+    alpha = tl.exp((best - safe) * inv_t)
+    e = tl.exp((x - safe) * inv_t)  # [BLOCK_V]
+    s = s * alpha + tl.sum(e, 0)
+    # p_t == 0 contributes 0 even where the student is -inf (0 * inf)
+    a = a * alpha + tl.sum(tl.where(e == 0.0, 0.0, e * (x - z)), 0)
+    if AT_ONE:
+        s_1 = s_1 * tl.exp(best - safe) + tl.sum(tl.exp(x - safe), 0)
+        x_y += tl.sum(tl.where(cols == y, x, 0.0), 0)
+    return new_best, arg, s, a, s_1, x_y
+
+
+@triton.jit
+def _grad_block(z, t, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t, HAS_CE: tl.constexpr):
+    p_s = tl.exp((z - zs) * inv_t - log_st)
+    p_t = tl.exp((t - ts) * inv_t - log_tt)
+    g = c_t * (p_s - p_t)
+    if HAS_CE:
+        p_1 = tl.exp(z - zs - log_s1)
+        g += c_ce * (p_1 - tl.where(cols == y, 1.0, 0.0))
+    return g
+
+
+@triton.jit
+def _compat_loss_kernel(
+    z_ptr, z_sb, z_st,
+    o_ptr, o_sb, o_st,
+    w_ptr, w_sb, w_st,
+    g_ptr, g_sb, g_st,
+    y_ptr, m_ptr, scale_ptr, out_ptr,
+    T_LEN, V, inv_t, kl_weight, ce_weight, ignore_index,
+    HAS_NEW: tl.constexpr, MASK_MODE: tl.constexpr, OLD_AT_ONE: tl.constexpr,
+    HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_CE: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T_LEN
+    t = row % T_LEN
+    z_row = z_ptr + b * z_sb + t * z_st
+    o_row = o_ptr + b * o_sb + t * o_st
+    w_row = w_ptr + b * w_sb + t * w_st
+    y = tl.load(y_ptr + row)
+    active = y != ignore_index
+    y_ok = (y >= 0) & (y < V)
+    cols0 = tl.arange(0, BLOCK_V)  # [BLOCK_V]
+    NEG: tl.constexpr = float("-inf")
+
+    ninf = tl.full([], NEG, tl.float32)
+    zero = tl.full([], 0.0, tl.float32)
+    izero = tl.full([], 0, tl.int32)
+    zb, z_arg, s_st, s_s1, z_y = ninf, izero, zero, zero, zero
+    ob, o_arg, s_o, a_o, s_o1, o_y = ninf, izero, zero, zero, zero, zero
+    wb, w_arg, s_w, a_w, s_w1, w_y = ninf, izero, zero, zero, zero, zero
+    v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
+    if SINGLE_BLOCK:
+        cm = cols0 < v_lim
+        z = tl.load(z_row + cols0, mask=cm, other=NEG).to(tl.float32)
+        o = tl.load(o_row + cols0, mask=cm, other=NEG).to(tl.float32)
+        zb, z_arg, s_st, s_s1, z_y = _student_step(z, cols0, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
+        ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
+            o, z, cols0, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
+        if HAS_NEW:
+            w = tl.load(w_row + cols0, mask=cm, other=NEG).to(tl.float32)
+            wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
+                w, z, cols0, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
+    else:
+        for start in range(0, v_lim, BLOCK_V):
+            cols = start + cols0
+            cm = cols < V
+            z = tl.load(z_row + cols, mask=cm, other=NEG).to(tl.float32)
+            o = tl.load(o_row + cols, mask=cm, other=NEG).to(tl.float32)
+            zb, z_arg, s_st, s_s1, z_y = _student_step(
+                z, cols, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
+            ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
+                o, z, cols, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
+            if HAS_NEW:
+                w = tl.load(w_row + cols, mask=cm, other=NEG).to(tl.float32)
+                wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
+                    w, z, cols, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
+
+    nan = float("nan")
+    z_y = tl.where(y_ok, z_y, nan)
+    zs = tl.where(zb == NEG, 0.0, zb)
+    os_ = tl.where(ob == NEG, 0.0, ob)
+    ws = tl.where(wb == NEG, 0.0, wb)
+    log_st = tl.log(s_st)
+    log_s1 = tl.log(s_s1)
+    log_so = tl.log(s_o)
+    # KL = E_pt[(x - z)/T] - lse_t + lse_s, ordered so that the large logit offsets cancel first
+    kl_old = (a_o / s_o - (os_ - zs)) * inv_t - log_so + log_st
+    ce = (zs - z_y) + log_s1
+    kl_new = 0.0
+    if HAS_NEW:
+        log_sw = tl.log(s_w)
+        kl_new = (a_w / s_w - (ws - zs)) * inv_t - log_sw + log_st
+
+    if MASK_MODE == 0:
+        to_old = tl.load(m_ptr + row) != 0
+    elif MASK_MODE == 1:
+        to_old = z_arg != y
+    elif MASK_MODE == 2:
+        to_old = o_arg == y
+    elif MASK_MODE == 3:
+        to_old = (z_y - zs - log_s1) < (o_y - os_ - tl.log(s_o1))
+    else:
+        to_old = y == y
+
+    loss = 0.0
+    if HAS_KL:
+        loss += kl_weight * tl.where(to_old, kl_old, kl_new)
+    if HAS_CE:
+        loss += ce_weight * ce
+    loss = tl.where(y_ok, loss, nan)
+
+    out = out_ptr + row * 9
+    tl.store(out + 0, tl.where(active, loss, 0.0))
+    tl.store(out + 1, tl.where(active & to_old, 1.0, 0.0))
+    tl.store(out + 2, tl.where(active & (z_arg == y), 1.0, 0.0))
+    tl.store(out + 3, tl.where(active & (o_arg == y), 1.0, 0.0))
+    if HAS_NEW:
+        tl.store(out + 4, tl.where(active & (w_arg == y), 1.0, 0.0))
+    else:
+        tl.store(out + 4, 0.0)
+    tl.store(out + 5, tl.where(active, kl_old, 0.0))
+    tl.store(out + 6, tl.where(active, kl_new, 0.0))
+    tl.store(out + 7, tl.where(active, ce, 0.0))
+    if OLD_AT_ONE:
+        tl.store(out + 8, tl.where(active, (o_y - os_) - tl.log(s_o1), 0.0))
+    else:
+        tl.store(out + 8, 0.0)
+
+    if HAS_GRAD:
+        scale = tl.load(scale_ptr)
+        scale = tl.where(y_ok, scale, nan)
+        use_old = to_old
+        if HAS_NEW:
+            use_new = to_old == 0
+        else:
+            use_new = to_old != to_old
+        c_t = tl.where(use_old | use_new, kl_weight * scale * inv_t, 0.0)
+        if not HAS_KL:
+            c_t = 0.0
+        c_ce = ce_weight * scale
+        ts = tl.where(use_old, os_, ws)
+        log_tt = tl.where(use_old, log_so, 0.0)
+        if HAS_NEW:
+            log_tt = tl.where(use_new, log_sw, log_tt)
+        g_row = g_ptr + b * g_sb + t * g_st
+        o_lim = tl.where(active & use_old, V, 0)
+        w_lim = tl.where(active & use_new, V, 0)
+        if SINGLE_BLOCK:
+            tt = tl.where(use_old, o, NEG)
+            if HAS_NEW:
+                tt = tl.where(use_new, w, tt)
+            g = _grad_block(z, tt, cols0, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t, HAS_CE)
+            g = tl.where(active, g, 0.0)
+            tl.store(g_row + cols0, g.to(g_ptr.dtype.element_ty), mask=cols0 < V)
+        else:
+            for start in range(0, V, BLOCK_V):
+                cols = start + cols0
+                cm = cols < V
+                z = tl.load(z_row + cols, mask=cols < v_lim, other=NEG).to(tl.float32)
+                # only the selected teacher's row is read again
+                tt = tl.load(o_row + cols, mask=cols < o_lim, other=NEG).to(tl.float32)
+                if HAS_NEW:
+                    tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG).to(tl.float32)
+                    tt = tl.where(use_new, tn, tt)
+                g = _grad_block(z, tt, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t, HAS_CE)
+                g = tl.where(active, g, 0.0)
+                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, g_sb, g_st, go_ptr, T_LEN, V, PER_ROW: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    if PER_ROW:
+        go = tl.load(go_ptr + row)
+    else:
+        go = tl.load(go_ptr)
+    # an upstream gradient of exactly 1 (the usual loss.backward()) costs no pass over the row
+    v_end = tl.where(go == 1.0, 0, V)
+    g_row = g_ptr + (row // T_LEN) * g_sb + (row % T_LEN) * g_st
+    for start in range(0, v_end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        cm = cols < V
+        g = tl.load(g_row + cols, mask=cm).to(tl.float32)
+        tl.store(g_row + cols, (g * go).to(g_ptr.dtype.element_ty), mask=cm)
+
+
+def _blocks(vocab: int):
+    block = triton.next_power_of_2(vocab)
+    if block <= MAX_FUSED_BLOCK_V:
+        return True, block
+    return False, LOOP_BLOCK_V
+
+
+def _warps(block: int) -> int:
+    return max(1, min(16, block // 256))
+
+
+def compat_loss_triton(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logits: torch.Tensor,
+    new_logits: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    *,
+    mask_mode: int,
+    inv_temperature: float,
+    kl_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    old_label_logprob: bool,
+) -> torch.Tensor:
+    """Launch ``_compat_loss_kernel`` over the rows of [B, T, V] inputs; returns [B*T, 9] row stats.
+
+    Bytes moved per valid row: ``V * (e_z + e_o + e_w)`` read once; with a gradient, rows of at
+    most ``MAX_FUSED_BLOCK_V`` columns add only ``V * e_g`` written, longer rows add
+    ``V * (e_z + e_t + e_g)`` (student and the one selected teacher read again, gradient written).
+    An ignored row costs its gradient write of zeros only. Plus 72 bytes of row stats per row.
+    """
+    B, T, V = logits.shape
+    n = B * T
+    out = torch.empty((n, N_ROW_STATS), dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return out
+    single, block = _blocks(V)
+    w = new_logits if new_logits is not None else old_logits
+    g = grad if grad is not None else logits
+    _compat_loss_kernel[(n,)](
+        logits, logits.stride(0), logits.stride(1),
+        old_logits, old_logits.stride(0), old_logits.stride(1),
+        w, w.stride(0), w.stride(1),
+        g, g.stride(0), g.stride(1),
+        labels, mask if mask is not None else labels, scale, out,
+        T, V, float(inv_temperature), float(kl_weight), float(ce_weight), int(ignore_index),
+        HAS_NEW=new_logits is not None, MASK_MODE=int(mask_mode),
+        OLD_AT_ONE=bool(old_label_logprob or mask_mode == 3),
+        HAS_GRAD=grad is not None, HAS_KL=kl_weight != 0, HAS_CE=ce_weight != 0,
+        SINGLE_BLOCK=single, BLOCK_V=block, num_warps=_warps(block),
+    )
+    return out
+
+
+def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad[b, t, :] *= grad_output (0-dim, or [B*T] per row), skipping rows where it equals 1."""
+    B, T, V = grad.shape
+    if B * T == 0:
+        return
+    block = min(triton.next_power_of_2(V), LOOP_BLOCK_V)
+    go = grad_output.reshape(-1).to(torch.float32).contiguous()
+    _scale_rows_kernel[(B * T,)](
+        grad, grad.stride(0), grad.stride(1), go, T, V,
+        PER_ROW=grad_output.dim() > 0, BLOCK_V=block, num_warps=_warps(block),
+    )
