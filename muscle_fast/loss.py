@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -130,26 +130,97 @@ def fused_compat_loss(
     device, vocab, lead = logits.device, logits.shape[-1], logits.shape[:-1]
     if vocab == 0:
         raise ValueError("logits has an empty vocabulary dimension")
-    labels_flat = _check_token_tensor("labels", labels, lead, device, integer=True)
     if old_logits is None:
         raise ValueError("old_logits is required: every mask aligns some tokens to the old model")
     _check_float_tensor("old_logits", old_logits, lead, vocab, device)
     if new_logits is not None:
         _check_float_tensor("new_logits", new_logits, lead, vocab, device)
+    opts = check_options(
+        labels, lead, device, has_new=new_logits is not None, mask=mask, temperature=temperature,
+        kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+        num_items=num_items, sequence_ids=sequence_ids)
+    impl = _dispatch.choose_impl(impl, device, logits.dtype)
+    if impl != "torch" and (old_logits.dtype == torch.float64 or
+                            (new_logits is not None and new_logits.dtype == torch.float64)):
+        raise TypeError(f"impl={impl!r} takes float32/bfloat16/float16 teachers, got float64")
+    if validate:
+        check_values(opts, vocab)
+
+    if impl == "torch":
+        out = compat_loss_reference(
+            logits, opts.labels.view(lead), old_logits, new_logits,
+            mask=mask if opts.mask is None else opts.mask, temperature=opts.temperature,
+            kl_weight=opts.kl_weight, ce_weight=opts.ce_weight, ignore_index=ignore_index,
+            reduction=reduction, num_items=num_items, sequence_ids=sequence_ids,
+            return_stats=return_stats)
+        if not return_stats:
+            return out
+        loss, stats = out
+        if logits.dtype != torch.float64:
+            for name, value in vars(stats).items():
+                if value is not None:
+                    setattr(stats, name, value.float())
+        return loss, stats
+
+    z3, old3 = as_rows_3d(logits), as_rows_3d(old_logits)
+    new3 = None if new_logits is None else as_rows_3d(new_logits)
+    if mask == "sequence_likelihood":
+        with torch.no_grad():
+            rows, _ = compat_loss_rows(
+                z3.detach(), opts.labels, old3, None, None, opts.scale, impl,
+                MASK_MODES["all_old"], opts.inv_temperature, 0.0, 0.0, opts.ignore_index, True,
+                False)
+        mask_mode, m = MASK_TENSOR, sequence_mask_from_rows(rows, opts)
+    else:
+        mask_mode, m = opts.mask_mode, opts.mask
+
+    loss, rows = CompatLossFunction.apply(
+        z3, opts.labels, old3, new3, m, opts.scale, impl, mask_mode, opts.inv_temperature,
+        opts.kl_weight, opts.ce_weight, opts.ignore_index, reduction, bool(inplace_backward))
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    return loss, stats_from_rows(rows, opts.n_valid, new_logits is not None)
+
+
+class Options(NamedTuple):
+    """Checked options and the per-call tensors every backend needs (built by check_options)."""
+
+    labels: Tensor  # [N] int64, contiguous
+    valid: Tensor  # [N] bool
+    n_valid: Tensor  # 0-dim float32
+    scale: Tensor  # 0-dim float32: the reduction's factor on every row's loss and gradient
+    mask: Optional[Tensor]  # [N] float32 0/1 for a caller's mask tensor, else None
+    mask_mode: int
+    lead: torch.Size
+    sequence_ids: Optional[Tensor]
+    inv_temperature: float
+    temperature: float
+    kl_weight: float
+    ce_weight: float
+    ignore_index: int
+
+
+def check_options(labels, lead, device, *, has_new, mask, temperature, kl_weight, ce_weight,
+                  ignore_index, reduction, num_items, sequence_ids) -> Options:
+    """Check every option and token-level tensor (no value is read); derive the per-call tensors."""
+    labels_flat = _check_token_tensor("labels", labels, lead, device, integer=True)
     if isinstance(mask, str):
         if mask not in MASKS:
             raise ValueError(f"mask={mask!r} is not one of {MASKS} or a tensor")
-        if mask in MASKS_NEEDING_NEW and new_logits is None:
+        if mask in MASKS_NEEDING_NEW and not has_new:
             raise ValueError(f"mask={mask!r} needs new_logits (the new task model's logits)")
-        mask_flat = None
+        mask_flat, mask_mode = None, MASK_MODES.get(mask, MASK_TENSOR)
     elif isinstance(mask, Tensor):
         if mask.dtype.is_complex:
             raise TypeError(f"mask tensor must be bool or 0/1 numbers, got {mask.dtype}")
         mask_flat = _check_token_tensor("mask", mask, lead, device, integer=False)
+        mask_flat, mask_mode = mask_flat.to(torch.float32).contiguous(), MASK_TENSOR
     else:
         raise TypeError(f"mask must be a name or a tensor, got {type(mask).__name__}")
     if sequence_ids is not None:
-        if mask != "sequence_likelihood":
+        if not (isinstance(mask, str) and mask == "sequence_likelihood"):
             raise ValueError("sequence_ids is only used by mask='sequence_likelihood'")
         _check_token_tensor("sequence_ids", sequence_ids, lead, device, integer=True)
     temperature = _check_number("temperature", temperature, positive=True)
@@ -170,48 +241,7 @@ def fused_compat_loss(
                 raise ValueError(f"num_items is on {num_items.device} but logits is on {device}")
         else:
             _check_number("num_items", num_items, positive=True)
-    impl = _dispatch.choose_impl(impl, device, logits.dtype)
-    if impl != "torch" and (old_logits.dtype == torch.float64 or
-                            (new_logits is not None and new_logits.dtype == torch.float64)):
-        raise TypeError(f"impl={impl!r} takes float32/bfloat16/float16 teachers, got float64")
 
-    # --- the one check that reads values: one small sync, optional ---
-    if validate and not torch.compiler.is_compiling() and labels_flat.numel() > 0:
-        bad_label = ((labels_flat < 0) | (labels_flat >= vocab)) & (labels_flat != ignore_index)
-        checks = [bad_label.any()]
-        if mask_flat is not None:
-            checks.append(((mask_flat != 0) & (mask_flat != 1)).any())
-        flags = torch.stack(checks).tolist()
-        if flags[0]:
-            first = labels_flat[bad_label][0].item()
-            raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index={ignore_index}; "
-                             f"found {first}")
-        if len(flags) > 1 and flags[1]:
-            raise ValueError("mask tensor must hold only 0/1 (or bool) values")
-
-    if impl == "torch":
-        out = compat_loss_reference(
-            logits, labels_flat.view(lead), old_logits, new_logits,
-            mask=mask if mask_flat is None else mask_flat, temperature=temperature,
-            kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-            reduction=reduction, num_items=num_items, sequence_ids=sequence_ids,
-            return_stats=return_stats)
-        if not return_stats:
-            return out
-        loss, stats = out
-        if logits.dtype != torch.float64:
-            for name, value in vars(stats).items():
-                if value is not None:
-                    setattr(stats, name, value.float())
-        return loss, stats
-
-    # --- fused backends: [B, T, V] views (no copy unless the vocabulary stride is not 1) ---
-    def as_3d(x: Tensor) -> Tensor:
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        return x.unsqueeze(0) if x.dim() == 2 else x
-
-    z3, old3 = as_3d(logits), as_3d(old_logits)
-    new3 = None if new_logits is None else as_3d(new_logits)
     y = labels_flat.to(torch.int64).contiguous()
     valid = y != ignore_index
     n_valid = valid.sum().to(torch.float32)
@@ -221,29 +251,41 @@ def fused_compat_loss(
         scale = 1.0 / torch.as_tensor(num_items, dtype=torch.float32, device=device).reshape(())
     else:
         scale = 1.0 / n_valid.clamp(min=1)
+    return Options(
+        labels=y, valid=valid, n_valid=n_valid, scale=scale, mask=mask_flat, mask_mode=mask_mode,
+        lead=lead, sequence_ids=sequence_ids, inv_temperature=1.0 / temperature,
+        temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight,
+        ignore_index=int(ignore_index))
 
-    inv_t = 1.0 / temperature
-    if mask_flat is not None:
-        mask_mode, m = MASK_TENSOR, mask_flat.to(torch.float32).contiguous()
-    elif mask == "sequence_likelihood":
-        with torch.no_grad():
-            rows, _ = compat_loss_rows(
-                z3.detach(), y, old3, None, None, scale, impl, MASK_MODES["all_old"], inv_t,
-                0.0, 0.0, ignore_index, True, False)
-            segments = sequence_segments(lead, sequence_ids, device)
-            m = sequence_likelihood_mask(-rows[:, 7], rows[:, 8], valid, segments).float()
-        mask_mode = MASK_TENSOR
-    else:
-        mask_mode, m = MASK_MODES[mask], None
 
-    loss, rows = CompatLossFunction.apply(
-        z3, y, old3, new3, m, scale, impl, mask_mode, inv_t, kl_weight, ce_weight,
-        int(ignore_index), reduction, bool(inplace_backward))
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    if not return_stats:
-        return loss
-    return loss, stats_from_rows(rows, n_valid, new_logits is not None)
+def check_values(opts: Options, vocab: int) -> None:
+    """The one check that reads values (labels in range, mask 0/1): one small host sync."""
+    if torch.compiler.is_compiling() or opts.labels.numel() == 0:
+        return
+    y = opts.labels
+    bad_label = ((y < 0) | (y >= vocab)) & (y != opts.ignore_index)
+    checks = [bad_label.any()]
+    if opts.mask is not None:
+        checks.append(((opts.mask != 0) & (opts.mask != 1)).any())
+    flags = torch.stack(checks).tolist()
+    if flags[0]:
+        first = y[bad_label][0].item()
+        raise ValueError(f"labels must lie in [0, {vocab}) or equal ignore_index="
+                         f"{opts.ignore_index}; found {first}")
+    if len(flags) > 1 and flags[1]:
+        raise ValueError("mask tensor must hold only 0/1 (or bool) values")
+
+
+def sequence_mask_from_rows(rows: Tensor, opts: Options) -> Tensor:
+    """The "sequence_likelihood" mask [N] float32 from a first launch's row stats (cols 7, 8)."""
+    segments = sequence_segments(opts.lead, opts.sequence_ids, rows.device)
+    return sequence_likelihood_mask(-rows[:, 7], rows[:, 8], opts.valid, segments).float()
+
+
+def as_rows_3d(x: Tensor) -> Tensor:
+    """[B, T, V] view with unit stride on V (a copy only when the vocabulary stride is not 1)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    return x.unsqueeze(0) if x.dim() == 2 else x
 
 
 class FusedCompatLoss(nn.Module):
