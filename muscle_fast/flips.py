@@ -286,6 +286,12 @@ def align_logs(logs: Dict[str, EvalLog], intersect: bool = False):
     """
     names = list(logs)
     ref = logs[names[0]]
+    for n in names[1:]:
+        if logs[n].metric != ref.metric:
+            raise FlipsInputError(
+                f"{names[0].upper()} is scored by {ref.metric!r} and {n.upper()} by "
+                f"{logs[n].metric!r}; pass --metric to use one score for every file"
+            )
     common = set(ref.scores)
     for n in names[1:]:
         common &= set(logs[n].scores)
