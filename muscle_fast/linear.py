@@ -1,0 +1,222 @@
+"""Public fused-linear compat loss: the loss from hidden states and lm_head weights."""
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _dispatch
+from .loss import (
+    FLOAT_DTYPES, _check_float_tensor, check_options, check_values, fused_compat_loss,
+    sequence_mask_from_rows,
+)
+from .ops.compat_loss.function import MASK_MODES, MASK_TENSOR, stats_from_rows
+from .ops.linear_compat_loss.function import LinearCompatLossFunction, default_chunk_size
+
+
+class _Teacher(NamedTuple):
+    hidden: Optional[Tensor]  # [N, H'] (detached), or None when logits are given
+    weight: Optional[Tensor]  # [V, H']
+    bias: Optional[Tensor]  # [V]
+    logits: Optional[Tensor]  # [N, V]
+
+    def full_logits(self, lead) -> Tensor:
+        if self.logits is not None:
+            return self.logits.reshape(*lead, -1)
+        return F.linear(self.hidden, self.weight, self.bias).reshape(*lead, -1)
+
+
+def _check_float(name: str, x, device) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+
+
+def _check_head(prefix: str, hidden, weight, bias, lead, vocab: Optional[int], device):
+    """Check one model's (hidden, weight, bias); returns (hidden [N, H], weight, bias)."""
+    _check_float(f"{prefix}hidden", hidden, device)
+    _check_float(f"{prefix}weight", weight, device)
+    if hidden.dim() < 1 or hidden.shape[:-1] != lead:
+        raise ValueError(f"{prefix}hidden has shape {tuple(hidden.shape)}, expected "
+                         f"{tuple(lead)} x hidden size")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{prefix}weight has shape {tuple(weight.shape)}, expected "
+                         f"[vocab, {hidden.shape[-1]}] to match {prefix}hidden")
+    if vocab is not None and weight.shape[0] != vocab:
+        raise ValueError(f"{prefix}weight has vocabulary {weight.shape[0]}, the student {vocab} "
+                         "(MUSCLE needs one tokenizer: teachers and student share the vocabulary)")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"{prefix}weight is {weight.dtype} but {prefix}hidden is {hidden.dtype}")
+    if bias is not None:
+        _check_float(f"{prefix}bias", bias, device)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{prefix}bias has shape {tuple(bias.shape)}, expected "
+                             f"[{weight.shape[0]}]")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"{prefix}bias is {bias.dtype} but {prefix}weight is {weight.dtype}")
+    return hidden.reshape(-1, hidden.shape[-1]), weight, bias
+
+
+def _check_teacher(name: str, hidden, weight, bias, logits, lead, vocab, device) -> Optional[_Teacher]:
+    if logits is not None:
+        if hidden is not None or weight is not None or bias is not None:
+            raise ValueError(f"give {name}_logits or ({name}_hidden, {name}_weight), not both")
+        _check_float_tensor(f"{name}_logits", logits, lead, vocab, device)
+        return _Teacher(None, None, None, logits.reshape(-1, vocab))
+    if hidden is None and weight is None:
+        if bias is not None:
+            raise ValueError(f"{name}_bias was given without {name}_hidden and {name}_weight")
+        return None
+    if hidden is None or weight is None:
+        missing = f"{name}_hidden" if hidden is None else f"{name}_weight"
+        raise ValueError(f"{missing} is missing: a teacher is ({name}_hidden, {name}_weight) "
+                         f"or {name}_logits")
+    h, w, b = _check_head(f"{name}_", hidden, weight, bias, lead, vocab, device)
+    # Teachers are frozen: whatever their requires_grad, they get no gradient.
+    return _Teacher(h.detach(), w.detach(), None if b is None else b.detach(), None)
+
+
+def fused_linear_compat_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Optional[Tensor] = None,
+    old_hidden: Optional[Tensor] = None,
+    old_weight: Optional[Tensor] = None,
+    old_bias: Optional[Tensor] = None,
+    old_logits: Optional[Tensor] = None,
+    new_hidden: Optional[Tensor] = None,
+    new_weight: Optional[Tensor] = None,
+    new_bias: Optional[Tensor] = None,
+    new_logits: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    mask: Union[str, Tensor] = "muscle",
+    temperature: float = 2.0,
+    kl_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items: Union[None, int, float, Tensor] = None,
+    sequence_ids: Optional[Tensor] = None,
+    impl: str = "auto",
+    return_stats: bool = False,
+    validate: bool = True,
+):
+    """:func:`fused_compat_loss` on lm_head logits, without materialising the [N, V] logits.
+
+    Equals::
+
+        fused_compat_loss(
+            F.linear(hidden, weight, bias), labels,
+            old_logits if old_logits is not None else F.linear(old_hidden, old_weight, old_bias).detach(),
+            new_logits if new_logits is not None else F.linear(new_hidden, new_weight, new_bias).detach(),
+            mask=mask, temperature=temperature, ...)
+
+    with the logits computed in float32 (the GEMM's fp32 result; bf16/fp16 logits are never
+    rounded before the softmax). The fused backends run over chunks of ``chunk_size`` tokens: per
+    chunk the student and teacher GEMMs, the fused loss kernel (its gradient written over the
+    chunk's logits), ``grad_hidden = g @ weight`` and ``grad_weight += g.T @ hidden`` in float32;
+    the chunk's logits are freed before the next. Peak extra memory is one chunk of logits plus
+    the float32 ``grad_weight`` accumulator, independent of N. On CPU, ignored tokens cost no GEMM.
+    ``impl="torch"`` (and float64 inputs) run the expression above literally, materialised.
+
+    Args:
+        hidden: student last hidden states [N, H] or [B, T, H], fp32/bf16/fp16.
+        weight: student lm_head weight [V, H], dtype of ``hidden``. A weight that does not
+            require grad (frozen lm_head, LoRA) skips the weight-gradient GEMM.
+        labels: int64 ids [N] or [B, T]; ``hidden[i]`` predicts ``labels[i]`` (callers shift).
+        bias: student lm_head bias [V] or None.
+        old_hidden, old_weight, old_bias: the old task model's last hidden states
+            ([N, H'] or [B, T, H'], H' may differ from H) and lm_head [V, H'] (and bias). Or
+        old_logits: its logits [N, V] or [B, T, V]. One of the two forms is required.
+        new_hidden, new_weight, new_bias, new_logits: the new task model, likewise; optional for
+            the masks that do not need it. Teachers receive no gradient (their hidden states and
+            weights are detached; teacher logits that require grad are an error, as in
+            :func:`fused_compat_loss`).
+        chunk_size: tokens per chunk. None: as many as fit a budget of fp32 chunk logits
+            (``CHUNK_BYTES``: 128 MiB on CPU, 1 GiB on CUDA), at least 32 tokens.
+        mask, temperature, kl_weight, ce_weight, ignore_index, reduction, num_items,
+        sequence_ids, impl, return_stats, validate: as in :func:`fused_compat_loss`.
+            ``reduction="none"`` with a trainable ``weight`` or ``bias`` runs the chunked pass
+            again in the backward (the per-token upstream gradient weighs every token's share of
+            ``grad_weight``).
+
+    Returns:
+        The loss (float32, 0-dim, or the leading shape for ``"none"``), or ``(loss, stats)``.
+
+    Shape:
+        hidden: [N, H] or [B, T, H]; weight: [V, H]; bias: [V]; labels, mask, sequence_ids: [N]
+        or [B, T]; gradients have the shapes and dtypes of hidden, weight and bias.
+    """
+    # --- checks of types, shapes, devices and options: free, always on ---
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() not in (2, 3):
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    device, lead = hidden.device, hidden.shape[:-1]
+    h2, weight, bias = _check_head("", hidden, weight, bias, lead, None, device)
+    vocab = weight.shape[0]
+    if vocab == 0:
+        raise ValueError("weight has an empty vocabulary dimension")
+    old = _check_teacher("old", old_hidden, old_weight, old_bias, old_logits, lead, vocab, device)
+    new = _check_teacher("new", new_hidden, new_weight, new_bias, new_logits, lead, vocab, device)
+    if old is None:
+        raise ValueError("the old teacher is required, as (old_hidden, old_weight) or old_logits: "
+                         "every mask aligns some tokens to the old model")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or
+                                   not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    opts = check_options(
+        labels, lead, device, has_new=new is not None, mask=mask, temperature=temperature,
+        kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+        num_items=num_items, sequence_ids=sequence_ids)
+    impl = _dispatch.choose_impl(impl, device, hidden.dtype)
+    teacher_tensors = [t for tt in (old, new) if tt is not None for t in tt if t is not None]
+    if impl != "torch" and any(t.dtype == torch.float64 for t in teacher_tensors):
+        raise TypeError(f"impl={impl!r} takes float32/bfloat16/float16 teachers, got float64")
+    if validate:
+        check_values(opts, vocab)
+
+    if impl == "torch":
+        with torch.no_grad():
+            old_full = old.full_logits(lead)
+            new_full = None if new is None else new.full_logits(lead)
+        return fused_compat_loss(
+            F.linear(hidden, weight, bias), labels, old_full, new_full, mask=mask,
+            temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight,
+            ignore_index=ignore_index, reduction=reduction, num_items=num_items,
+            sequence_ids=sequence_ids, impl="torch", return_stats=return_stats, validate=False)
+
+    n = h2.shape[0]
+    n_gemm = 1 + sum(t is not None and t.logits is None for t in (old, new))
+    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(n, vocab, n_gemm, device)
+    none4 = (None, None, None, None)
+    old_args = tuple(old)
+    new_args = none4 if new is None else tuple(new)
+    if mask == "sequence_likelihood":
+        rows, *_ = torch.ops.muscle_fast.linear_compat_loss_rows(
+            h2.detach(), weight.detach(), None if bias is None else bias.detach(), opts.labels,
+            *old_args, *none4, None, opts.scale, None, impl, MASK_MODES["all_old"],
+            opts.inv_temperature, 0.0, 0.0, opts.ignore_index, True, chunk, False, False, False)
+        mask_mode, m = MASK_TENSOR, sequence_mask_from_rows(rows, opts)
+    else:
+        mask_mode, m = opts.mask_mode, opts.mask
+
+    loss, rows = LinearCompatLossFunction.apply(
+        h2, weight, bias, opts.labels, *old_args, *new_args, m, opts.scale, impl, mask_mode,
+        opts.inv_temperature, opts.kl_weight, opts.ce_weight, opts.ignore_index, chunk, reduction)
+    if reduction == "none":
+        loss = loss.reshape(lead)
+    if not return_stats:
+        return loss
+    return loss, stats_from_rows(rows, opts.n_valid, new is not None)
+
+
+__all__ = ["fused_linear_compat_loss"]
