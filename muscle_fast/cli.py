@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
 
 _FLIPS_HELP = """\
 Compare an old model (Mv1) with its update (Mv2), and optionally with the compatible update
@@ -46,15 +45,19 @@ def _run_flips(args: argparse.Namespace) -> int:
         paths = {"old": args.old, "new": args.new}
         if args.compat:
             paths["compat"] = args.compat
-        logs = {n: F.read_eval_log(p, metric=args.metric, filter=args.filter)
-                for n, p in paths.items()}
+        logs = {
+            n: F.read_eval_log(p, metric=args.metric, filter=args.filter) for n, p in paths.items()
+        }
         keys, n_dropped = F.align_logs(logs, intersect=args.intersect)
     except F.FlipsInputError as e:
         print(f"muscle-fast flips: error: {e}", file=sys.stderr)
         return 2
     if n_dropped:
-        print(f"muscle-fast flips: --intersect: dropped {n_dropped} instance(s) not present in "
-              f"every file; comparing {len(keys)}", file=sys.stderr)
+        print(
+            f"muscle-fast flips: --intersect: dropped {n_dropped} instance(s) not present in "
+            f"every file; comparing {len(keys)}",
+            file=sys.stderr,
+        )
     report = F.flip_report(logs, keys, n_dropped)
     F.render_table(report)
     if args.json:
@@ -73,24 +76,49 @@ def _add_flips(sub) -> None:
         description=_FLIPS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--old", required=True, metavar="OLD",
-                   help="per-instance results of the old model Mv1 (.jsonl)")
-    p.add_argument("--new", required=True, metavar="NEW",
-                   help="per-instance results of the updated model Mv2 (.jsonl)")
-    p.add_argument("--compat", metavar="COMPAT",
-                   help="per-instance results of the compatible model Mv2C (.jsonl), optional")
-    p.add_argument("--metric", metavar="acc|exact_match|rouge1|FIELD",
-                   help="per-instance score (default: acc if the log has it, else exact_match, "
-                        "else the log's first metric; 'score' for score-only files)")
-    p.add_argument("--filter", metavar="NAME",
-                   help="lm-eval filter to read when a log holds several (e.g. strict-match)")
-    p.add_argument("--intersect", action="store_true",
-                   help="compare only the instances present in every file, saying how many "
-                        "were dropped (default: such a mismatch is an error)")
-    p.add_argument("--json", metavar="OUT.json", help="write the metrics as JSON (rates as fractions)")
-    p.add_argument("--plot", metavar="FLIPS.png",
-                   help="draw the flips: 2x2 outcome grids for 0/1 scores, the distribution of "
-                        "D = S_new - S_old for graded scores")
+    p.add_argument(
+        "--old",
+        required=True,
+        metavar="OLD",
+        help="per-instance results of the old model Mv1 (.jsonl)",
+    )
+    p.add_argument(
+        "--new",
+        required=True,
+        metavar="NEW",
+        help="per-instance results of the updated model Mv2 (.jsonl)",
+    )
+    p.add_argument(
+        "--compat",
+        metavar="COMPAT",
+        help="per-instance results of the compatible model Mv2C (.jsonl), optional",
+    )
+    p.add_argument(
+        "--metric",
+        metavar="acc|exact_match|rouge1|FIELD",
+        help="per-instance score (default: acc if the log has it, else exact_match, "
+        "else the log's first metric; 'score' for score-only files)",
+    )
+    p.add_argument(
+        "--filter",
+        metavar="NAME",
+        help="lm-eval filter to read when a log holds several (e.g. strict-match)",
+    )
+    p.add_argument(
+        "--intersect",
+        action="store_true",
+        help="compare only the instances present in every file, saying how many "
+        "were dropped (default: such a mismatch is an error)",
+    )
+    p.add_argument(
+        "--json", metavar="OUT.json", help="write the metrics as JSON (rates as fractions)"
+    )
+    p.add_argument(
+        "--plot",
+        metavar="FLIPS.png",
+        help="draw the flips: 2x2 outcome grids for 0/1 scores, the distribution of "
+        "D = S_new - S_old for graded scores",
+    )
     p.set_defaults(func=_run_flips)
 
 
@@ -108,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``muscle-fast`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
     return args.func(args)

@@ -21,16 +21,25 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 from muscle_fast import metrics as M
 
-__all__ = ["FlipsInputError", "EvalLog", "read_eval_log", "align_logs", "flip_report",
-           "render_table", "plot_flips", "write_json"]
+__all__ = [
+    "EvalLog",
+    "FlipsInputError",
+    "align_logs",
+    "flip_report",
+    "plot_flips",
+    "read_eval_log",
+    "render_table",
+    "write_json",
+]
 
 _SHOW = 5  # how many offending ids an error names
 
@@ -46,13 +55,13 @@ class EvalLog:
     path: str
     fmt: str  # "lm-eval" or "jsonl"
     metric: str
-    order: List[Any]
-    scores: Dict[Any, float]
-    preds: Optional[Dict[Any, Any]]  # the chosen answer, None when it cannot be recovered
-    pred_note: Optional[str]  # why preds is None
-    labels: Dict[Any, Any] = field(default_factory=dict)  # target / label, to cross-check files
-    hashes: Dict[Any, str] = field(default_factory=dict)  # lm-eval doc_hash
-    filter: Optional[str] = None
+    order: list[Any]
+    scores: dict[Any, float]
+    preds: dict[Any, Any] | None  # the chosen answer, None when it cannot be recovered
+    pred_note: str | None  # why preds is None
+    labels: dict[Any, Any] = field(default_factory=dict)  # target / label, to cross-check files
+    hashes: dict[Any, str] = field(default_factory=dict)  # lm-eval doc_hash
+    filter: str | None = None
 
 
 def _is_number(v: Any) -> bool:
@@ -71,9 +80,13 @@ def _records(path: Path):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
-            raise FlipsInputError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+            raise FlipsInputError(
+                f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})"
+            ) from None
         if not isinstance(rec, dict):
-            raise FlipsInputError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            raise FlipsInputError(
+                f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}"
+            )
         n_rec += 1
         yield lineno, rec
     if n_rec == 0:
@@ -82,11 +95,13 @@ def _records(path: Path):
 
 def _key(value: Any, path: Path, lineno: int, name: str) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise FlipsInputError(f"{path}:{lineno}: '{name}' must be an integer or a string, got {value!r}")
+        raise FlipsInputError(
+            f"{path}:{lineno}: '{name}' must be an integer or a string, got {value!r}"
+        )
     return value
 
 
-def _mc_loglikelihoods(resps: Any) -> Optional[List[float]]:
+def _mc_loglikelihoods(resps: Any) -> list[float] | None:
     """The choice log-likelihoods of an lm-eval multiple-choice record, else None."""
     if not isinstance(resps, list) or not resps:
         return None
@@ -101,7 +116,7 @@ def _mc_loglikelihoods(resps: Any) -> Optional[List[float]]:
     return lls
 
 
-def _continuations(rec: dict) -> Optional[List[str]]:
+def _continuations(rec: dict) -> list[str] | None:
     args = rec.get("arguments")
     if not isinstance(args, dict):
         return None
@@ -112,7 +127,7 @@ def _continuations(rec: dict) -> Optional[List[str]]:
             return None
         # lm-eval logs target_delimiter + choice; its acc_norm divides by len(choice)
         c = a["arg_1"]
-        conts.append(c[1:] if c.startswith(" ") else c)
+        conts.append(c.removeprefix(" "))
     return conts
 
 
@@ -136,7 +151,7 @@ def _lm_eval_answer(rec: dict, metric: str) -> Any:
     return None
 
 
-def read_eval_log(path, metric: Optional[str] = None, filter: Optional[str] = None) -> EvalLog:
+def read_eval_log(path, metric: str | None = None, filter: str | None = None) -> EvalLog:
     """Read one model's per-instance results (lm-eval sample log or plain JSONL).
 
     Args:
@@ -165,7 +180,9 @@ def read_eval_log(path, metric: Optional[str] = None, filter: Optional[str] = No
         filters = sorted({str(r.get("filter")) for _, r in recs})
         if filter is not None:
             if filter not in filters:
-                raise FlipsInputError(f"{path}: no samples with filter {filter!r}; it has {filters}")
+                raise FlipsInputError(
+                    f"{path}: no samples with filter {filter!r}; it has {filters}"
+                )
             chosen_filter = filter
         elif len(filters) > 1:
             raise FlipsInputError(
@@ -175,13 +192,20 @@ def read_eval_log(path, metric: Optional[str] = None, filter: Optional[str] = No
             chosen_filter = filters[0]
         recs = [(ln, r) for ln, r in recs if str(r.get("filter")) == chosen_filter]
     elif filter is not None:
-        raise FlipsInputError(f"{path}: --filter applies to lm-eval sample logs, this is plain JSONL")
+        raise FlipsInputError(
+            f"{path}: --filter applies to lm-eval sample logs, this is plain JSONL"
+        )
 
     if metric is None:
         if fmt == "lm-eval":
             listed = first.get("metrics") if isinstance(first.get("metrics"), list) else []
-            metric = "acc" if "acc" in first else "exact_match" if "exact_match" in first else (
-                listed[0] if listed else None)
+            metric = (
+                "acc"
+                if "acc" in first
+                else "exact_match"
+                if "exact_match" in first
+                else (listed[0] if listed else None)
+            )
             if metric is None:
                 raise FlipsInputError(f"{path}:{recs[0][0]}: no metric field found; pass --metric")
         else:
@@ -214,7 +238,11 @@ def read_eval_log(path, metric: Optional[str] = None, filter: Optional[str] = No
                 have = rec.get("metrics", [])
                 raise FlipsInputError(
                     f"{path}:{lineno}: no field {metric!r} in this sample (its metrics: {have})"
-                    + ("; rouge1 needs a generation in filtered_resps" if metric == "rouge1" else "")
+                    + (
+                        "; rouge1 needs a generation in filtered_resps"
+                        if metric == "rouge1"
+                        else ""
+                    )
                 )
         else:
             has_pl = "prediction" in rec and "label" in rec
@@ -250,15 +278,20 @@ def read_eval_log(path, metric: Optional[str] = None, filter: Optional[str] = No
     elif fmt == "lm-eval":
         bad = [k for k in order if preds[k] is None]
         if bad:
-            preds, pred_note = None, f"answers not recoverable from filtered_resps (doc_id {bad[0]})"
+            preds, pred_note = (
+                None,
+                f"answers not recoverable from filtered_resps (doc_id {bad[0]})",
+            )
         else:
             wrong = [k for k in order if _answer_contradicts(preds[k], labels[k], scores[k])]
             if wrong:
                 preds = None
-                pred_note = (f"answers from filtered_resps disagree with {metric!r} "
-                             f"(doc_id {wrong[0]})")
-    return EvalLog(str(path), fmt, metric, order, scores, preds, pred_note, labels, hashes,
-                   chosen_filter)
+                pred_note = (
+                    f"answers from filtered_resps disagree with {metric!r} (doc_id {wrong[0]})"
+                )
+    return EvalLog(
+        str(path), fmt, metric, order, scores, preds, pred_note, labels, hashes, chosen_filter
+    )
 
 
 def _answer_contradicts(pred: Any, target: Any, score: float) -> bool:
@@ -277,7 +310,7 @@ def _fmt_ids(ids: Sequence[Any]) -> str:
     return shown + (", ..." if len(ids) > _SHOW else "")
 
 
-def align_logs(logs: Dict[str, EvalLog], intersect: bool = False):
+def align_logs(logs: dict[str, EvalLog], intersect: bool = False):
     """Match instances by id across the logs named ``{"old": ..., "new": ..., ["compat": ...]}``.
 
     Returns ``(keys, n_dropped)``, keys in the old log's order. Ids present in some logs and not
@@ -314,7 +347,10 @@ def align_logs(logs: Dict[str, EvalLog], intersect: bool = False):
         )
     for a, b in zip(names, names[1:]):
         la, lb = logs[a], logs[b]
-        for what, da, db in (("doc_hash", la.hashes, lb.hashes), ("label/target", la.labels, lb.labels)):
+        for what, da, db in (
+            ("doc_hash", la.hashes, lb.hashes),
+            ("label/target", la.labels, lb.labels),
+        ):
             diff = [k for k in keys if k in da and k in db and da[k] != db[k]]
             if diff:
                 raise FlipsInputError(
@@ -324,14 +360,14 @@ def align_logs(logs: Dict[str, EvalLog], intersect: bool = False):
     return keys, n_dropped
 
 
-def flip_report(logs: Dict[str, EvalLog], keys: Sequence[Any], n_dropped: int = 0) -> dict:
+def flip_report(logs: dict[str, EvalLog], keys: Sequence[Any], n_dropped: int = 0) -> dict:
     """The paper's metrics over aligned instances, as a JSON-ready dict (rates are fractions)."""
-    old, new = logs["old"], logs["new"]
+    _old, new = logs["old"], logs["new"]
     compat = logs.get("compat")
     s = {n: np.array([l.scores[k] for k in keys]) for n, l in logs.items()}
     binary = all(bool(np.all((v == 0) | (v == 1))) for v in s.values())
     metric = new.metric
-    rep: Dict[str, Any] = {
+    rep: dict[str, Any] = {
         "metric": metric,
         "kind": "discriminative" if binary else "generative",
         "n": len(keys),
@@ -354,14 +390,25 @@ def flip_report(logs: Dict[str, EvalLog], keys: Sequence[Any], n_dropped: int = 
         rep["nfr_mc"] = M.discriminative_flips(s["old"], s["new"], p["old"], p["new"]).nfr_mc
         if compat is not None:
             rep["nfr_mc_c"] = M.discriminative_flips(
-                s["old"], s["compat"], p["old"], p["compat"]).nfr_mc
+                s["old"], s["compat"], p["old"], p["compat"]
+            ).nfr_mc
     rep.update(m_g=upd.m_g, m_r=upd.m_r, n_negative=upd.n_negative, n_positive=upd.n_positive)
     if compat is not None:
         c = M.compat_deltas(s["old"], s["new"], s["compat"])
         cf = M.generative_flips(s["old"], s["compat"])
-        rep.update(nfr_c=c.nfr_c, pfr_c=cf.pfr, dnfr_c=c.dnfr_c, dpct_nfr_c=c.dpct_nfr_c,
-                   dacc_c=c.dacc_c, m_g_c=cf.m_g, m_r_c=cf.m_r, dm_g=c.dm_g, dm_r=c.dm_r,
-                   n_negative_c=cf.n_negative, n_positive_c=cf.n_positive)
+        rep.update(
+            nfr_c=c.nfr_c,
+            pfr_c=cf.pfr,
+            dnfr_c=c.dnfr_c,
+            dpct_nfr_c=c.dpct_nfr_c,
+            dacc_c=c.dacc_c,
+            m_g_c=cf.m_g,
+            m_r_c=cf.m_r,
+            dm_g=c.dm_g,
+            dm_r=c.dm_r,
+            n_negative_c=cf.n_negative,
+            n_positive_c=cf.n_positive,
+        )
     if binary:
         o, w = s["old"].astype(bool), s["new"].astype(bool)
         if compat is None:
@@ -369,8 +416,10 @@ def flip_report(logs: Dict[str, EvalLog], keys: Sequence[Any], n_dropped: int = 
             rep["counts"] = [[int(np.sum((o == a) & (w == b))) for b in (0, 1)] for a in (0, 1)]
         else:
             cc = s["compat"].astype(bool)
-            rep["counts"] = [[[int(np.sum((o == a) & (w == b) & (cc == c))) for c in (0, 1)]
-                              for b in (0, 1)] for a in (0, 1)]
+            rep["counts"] = [
+                [[int(np.sum((o == a) & (w == b) & (cc == c))) for c in (0, 1)] for b in (0, 1)]
+                for a in (0, 1)
+            ]
     return rep
 
 
@@ -389,7 +438,7 @@ def write_json(report: dict, path) -> None:
     Path(path).write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
 
 
-def _pct(x: Optional[float], signed: bool = False) -> str:
+def _pct(x: float | None, signed: bool = False) -> str:
     if x is None:
         return "n/a"
     if math.isinf(x):
@@ -409,23 +458,48 @@ def render_table(report: dict, console=None) -> None:
     has_c = "acc_c" in report
     m = report["metric"]
     cols = ["model", m, "NFR", "PFR", "NFR_mc", "m_g", "m_r"]
-    rows = [["old (Mv1)", _pct(report["acc_old"]), "", "", "", "", ""],
-            ["new (Mv2)", _pct(report["acc_new"]), _pct(report["nfr"]), _pct(report["pfr"]),
-             _pct(report["nfr_mc"]), _pct(report["m_g"]), _pct(report["m_r"])]]
+    rows = [
+        ["old (Mv1)", _pct(report["acc_old"]), "", "", "", "", ""],
+        [
+            "new (Mv2)",
+            _pct(report["acc_new"]),
+            _pct(report["nfr"]),
+            _pct(report["pfr"]),
+            _pct(report["nfr_mc"]),
+            _pct(report["m_g"]),
+            _pct(report["m_r"]),
+        ],
+    ]
     if has_c:
         cols += ["dNFR_c", "d%NFR_c", f"d{m}_c", "dm_g", "dm_r"]
         rows = [r + [""] * 5 for r in rows]
-        rows.append(["compat (Mv2C)", _pct(report["acc_c"]), _pct(report["nfr_c"]),
-                     _pct(report["pfr_c"]), _pct(report.get("nfr_mc_c")), _pct(report["m_g_c"]),
-                     _pct(report["m_r_c"]), _pct(report["dnfr_c"], True),
-                     _pct(report["dpct_nfr_c"], True), _pct(report["dacc_c"], True),
-                     _pct(report["dm_g"], True), _pct(report["dm_r"], True)])
-    title = (f"Model update flips on {m} ({report['kind']}), n={report['n']}"
-             + (f", {report['n_dropped']} dropped by --intersect" if report["n_dropped"] else ""))
-    table = Table(title=title, caption=(
-        "values in % (scores x 100). NFR/PFR: negative/positive flips from old; NFR_mc: new "
-        "wrong with a different answer; m_g/m_r: mean gain/regression over the flips; "
-        "d*_c: compat minus new (d%NFR_c: relative to NFR)"))
+        rows.append(
+            [
+                "compat (Mv2C)",
+                _pct(report["acc_c"]),
+                _pct(report["nfr_c"]),
+                _pct(report["pfr_c"]),
+                _pct(report.get("nfr_mc_c")),
+                _pct(report["m_g_c"]),
+                _pct(report["m_r_c"]),
+                _pct(report["dnfr_c"], True),
+                _pct(report["dpct_nfr_c"], True),
+                _pct(report["dacc_c"], True),
+                _pct(report["dm_g"], True),
+                _pct(report["dm_r"], True),
+            ]
+        )
+    title = f"Model update flips on {m} ({report['kind']}), n={report['n']}" + (
+        f", {report['n_dropped']} dropped by --intersect" if report["n_dropped"] else ""
+    )
+    table = Table(
+        title=title,
+        caption=(
+            "values in % (scores x 100). NFR/PFR: negative/positive flips from old; NFR_mc: new "
+            "wrong with a different answer; m_g/m_r: mean gain/regression over the flips; "
+            "d*_c: compat minus new (d%NFR_c: relative to NFR)"
+        ),
+    )
     for i, c in enumerate(cols):
         table.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
     for r in rows:
@@ -436,11 +510,13 @@ def render_table(report: dict, console=None) -> None:
     if report["nfr_mc"] is None:
         console.print(f"  NFR_mc n/a: {report['nfr_mc_note']}")
     if has_c and math.isinf(report["dpct_nfr_c"]):
-        console.print("  d%NFR_c is +inf: the plain update has no negative flip (NFR = 0) "
-                      "but the compatible model has some.")
+        console.print(
+            "  d%NFR_c is +inf: the plain update has no negative flip (NFR = 0) "
+            "but the compatible model has some."
+        )
 
 
-def plot_flips(report: dict, logs: Dict[str, EvalLog], keys: Sequence[Any], path) -> None:
+def plot_flips(report: dict, logs: dict[str, EvalLog], keys: Sequence[Any], path) -> None:
     """Draw the flips: 2x2 outcome grids (old vs new[, old vs compat]) for 0/1 scores, the
     distribution of D = S_new - S_old and S_old vs S_new for graded scores. Saves a PNG."""
     # a bare Figure renders through Agg without touching pyplot's global backend
@@ -463,10 +539,23 @@ def plot_flips(report: dict, logs: Dict[str, EvalLog], keys: Sequence[Any], path
             for i in range(2):
                 for j in range(2):
                     ax.add_patch(Rectangle((j, 1 - i), 1, 1, color=colors[i][j], ec="white", lw=3))
-                    ax.text(j + 0.5, 1.5 - i + 0.12, f"{grid[i, j]}", ha="center", va="center",
-                            fontsize=20, weight="bold")
-                    ax.text(j + 0.5, 1.5 - i - 0.18, f"{100 * grid[i, j] / n:.1f}%\n{kinds[i][j]}",
-                            ha="center", va="center", fontsize=10)
+                    ax.text(
+                        j + 0.5,
+                        1.5 - i + 0.12,
+                        f"{grid[i, j]}",
+                        ha="center",
+                        va="center",
+                        fontsize=20,
+                        weight="bold",
+                    )
+                    ax.text(
+                        j + 0.5,
+                        1.5 - i - 0.18,
+                        f"{100 * grid[i, j] / n:.1f}%\n{kinds[i][j]}",
+                        ha="center",
+                        va="center",
+                        fontsize=10,
+                    )
             ax.set_xlim(0, 2), ax.set_ylim(0, 2)
             ax.set_xticks([0.5, 1.5], [f"{label[name]}\ncorrect", f"{label[name]}\nwrong"])
             ax.set_yticks([1.5, 0.5], ["old (Mv1)\ncorrect", "old (Mv1)\nwrong"])
@@ -478,13 +567,20 @@ def plot_flips(report: dict, logs: Dict[str, EvalLog], keys: Sequence[Any], path
     else:
         fig = Figure(figsize=(11, 4.6))
         ax_h, ax_s = fig.subplots(1, 2)
-        bins = np.linspace(-1, 1, 41) if all(np.all((v >= 0) & (v <= 1)) for v in s.values()) else 40
+        bins = (
+            np.linspace(-1, 1, 41) if all(np.all((v >= 0) & (v <= 1)) for v in s.values()) else 40
+        )
         colors = {"new": "#3d85c6", "compat": "#e69138"}
         for name in others:
             d = s[name] - s["old"]
             nfr = np.mean(d < 0)
-            ax_h.hist(d, bins=bins, alpha=0.6, color=colors[name],
-                      label=f"{label[name]}: NFR {100 * nfr:.1f}%, PFR {100 * np.mean(d > 0):.1f}%")
+            ax_h.hist(
+                d,
+                bins=bins,
+                alpha=0.6,
+                color=colors[name],
+                label=f"{label[name]}: NFR {100 * nfr:.1f}%, PFR {100 * np.mean(d > 0):.1f}%",
+            )
             ax_s.scatter(s["old"], s[name], s=14, alpha=0.6, color=colors[name], label=label[name])
         ax_h.axvline(0, color="black", lw=1)
         ax_h.set_xlabel(f"D = {report['metric']}(model) - {report['metric']}(old)")

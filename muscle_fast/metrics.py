@@ -34,22 +34,23 @@ lists, numpy arrays or tensors; results are Python floats. No result is ever NaN
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "CompatDeltas",
     "DiscriminativeFlips",
     "GenerativeFlips",
-    "CompatDeltas",
+    "compat_deltas",
     "discriminative_flips",
     "generative_flips",
-    "compat_deltas",
-    "relative_change",
-    "rouge1",
     "mc_loglikelihoods",
     "mc_predict",
+    "relative_change",
+    "rouge1",
 ]
 
 
@@ -97,7 +98,7 @@ class DiscriminativeFlips:
     acc_new: float
     nfr: float
     pfr: float
-    nfr_mc: Optional[float]  # None when predictions were not given
+    nfr_mc: float | None  # None when predictions were not given
     n_negative: int
     n_positive: int
 
@@ -141,8 +142,8 @@ class CompatDeltas:
 def discriminative_flips(
     old_correct: Any,
     new_correct: Any,
-    old_pred: Optional[Sequence[Any]] = None,
-    new_pred: Optional[Sequence[Any]] = None,
+    old_pred: Sequence[Any] | None = None,
+    new_pred: Sequence[Any] | None = None,
 ) -> DiscriminativeFlips:
     """``NFR = mean(old_correct & ~new_correct)``, ``PFR = mean(~old_correct & new_correct)``.
 
@@ -165,9 +166,7 @@ def discriminative_flips(
     if old_pred is not None:
         op, np_ = list(_listify(old_pred)), list(_listify(new_pred))
         if len(op) != n or len(np_) != n:
-            raise ValueError(
-                f"old_pred/new_pred need {n} values, got {len(op)} and {len(np_)}"
-            )
+            raise ValueError(f"old_pred/new_pred need {n} values, got {len(op)} and {len(np_)}")
         differs = np.array([a != b for a, b in zip(op, np_)], dtype=bool)
         nfr_mc = _mean(~w & differs)
     return DiscriminativeFlips(
@@ -250,7 +249,9 @@ def compat_deltas(old_scores: Any, new_scores: Any, compat_scores: Any) -> Compa
     )
 
 
-def rouge1(predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = False) -> list:
+def rouge1(
+    predictions: Sequence[str], references: Sequence[str], use_stemmer: bool = False
+) -> list:
     """ROUGE-1 F1 per instance, from Google's ``rouge-score`` package (its default tokenizer:
     lowercase, alphanumeric tokens). ``[rouge_scorer.RougeScorer(["rouge1"]).score(r, p)
     ["rouge1"].fmeasure for p, r in zip(predictions, references)]``."""
@@ -262,7 +263,9 @@ def rouge1(predictions: Sequence[str], references: Sequence[str], use_stemmer: b
             f"predictions and references differ in length: {len(predictions)} vs {len(references)}"
         )
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=use_stemmer)
-    return [scorer.score(str(r), str(p))["rouge1"].fmeasure for p, r in zip(predictions, references)]
+    return [
+        scorer.score(str(r), str(p))["rouge1"].fmeasure for p, r in zip(predictions, references)
+    ]
 
 
 def mc_loglikelihoods(
@@ -350,7 +353,9 @@ def mc_predict(loglik, n_tokens=None, normalize: bool = False):
             raise ValueError("normalize=True needs n_tokens")
         n = torch.as_tensor(n_tokens, dtype=torch.float64)
         if n.shape != loglik.shape:
-            raise ValueError(f"n_tokens shape {tuple(n.shape)} != loglik shape {tuple(loglik.shape)}")
+            raise ValueError(
+                f"n_tokens shape {tuple(n.shape)} != loglik shape {tuple(loglik.shape)}"
+            )
         # padded slots (n == 0, loglik == -inf) stay -inf
         loglik = torch.where(n > 0, loglik / n.clamp(min=1), loglik)
     return torch.argmax(loglik, dim=-1)

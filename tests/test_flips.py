@@ -6,7 +6,6 @@ EvaluationTracker.save_results_samples, as `lm_eval --log_samples` uses it.
 """
 
 import json
-import math
 import os
 import random
 
@@ -16,7 +15,7 @@ import pytest
 from muscle_fast import flips as F
 from muscle_fast.cli import main
 
-WORDS = "red blue green black white pink gray brown gold teal".split()
+WORDS = ["red", "blue", "green", "black", "white", "pink", "gray", "brown", "gold", "teal"]
 
 
 def _write_jsonl(path, rows):
@@ -49,56 +48,98 @@ def lm_eval_logs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lm_eval")
     vocab = {"[UNK]": 0, "[PAD]": 1, "<s>": 2, "</s>": 3}
-    for w in WORDS + "what color is the sky grass cat dog sea sun ?".split():
+    for w in WORDS + [
+        "what",
+        "color",
+        "is",
+        "the",
+        "sky",
+        "grass",
+        "cat",
+        "dog",
+        "sea",
+        "sun",
+        "?",
+    ]:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-        eos_token="</s>")
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
 
     rng = random.Random(0)
     docs = []
     for i in range(12):
         choices = rng.sample(WORDS, 3)
         obj = ["sky", "grass", "cat", "dog", "sea", "sun"][i % 6]
-        docs.append({"question": f"what color is the {obj} ?", "choices": choices,
-                     "label": i % 3, "answer": choices[i % 3]})
+        docs.append(
+            {
+                "question": f"what color is the {obj} ?",
+                "choices": choices,
+                "label": i % 3,
+                "answer": choices[i % 3],
+            }
+        )
     data = _write_jsonl(root / "data.jsonl", docs)
     tasks = root / "tasks"
     tasks.mkdir()
-    common = (f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
-              "test_split: test\ndoc_to_text: \"{{question}}\"\n")
+    common = (
+        f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        'test_split: test\ndoc_to_text: "{{question}}"\n'
+    )
     (tasks / "mc.yaml").write_text(
         "task: flips_mc\n" + common + "output_type: multiple_choice\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: label\n"
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+        'doc_to_choice: "{{choices}}"\ndoc_to_target: label\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
     (tasks / "gen.yaml").write_text(
         "task: flips_gen\n" + common + "output_type: generate_until\ndoc_to_target: answer\n"
-        "generation_kwargs:\n  until: [\"?\"]\n  max_gen_toks: 2\n  do_sample: false\n"
-        "metric_list:\n  - metric: exact_match\n")
+        'generation_kwargs:\n  until: ["?"]\n  max_gen_toks: 2\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n"
+    )
 
     out = {}
     for name, seed in (("old", 1), ("new", 2), ("compat", 3)):
         torch.manual_seed(seed)
         cfg = transformers.LlamaConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-            bos_token_id=2, eos_token_id=3, pad_token_id=1)
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=1,
+        )
         mdir = root / f"model_{name}"
         transformers.LlamaForCausalLM(cfg).save_pretrained(mdir)
         hf_tok.save_pretrained(mdir)
         tracker = EvaluationTracker(output_path=str(root / f"logs_{name}"))
         res = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={mdir},tokenizer={mdir}",
-            tasks=["flips_mc", "flips_gen"], task_manager=TaskManager(include_path=str(tasks)),
-            log_samples=True, device="cpu", batch_size=8, evaluation_tracker=tracker)
+            model="hf",
+            model_args=f"pretrained={mdir},tokenizer={mdir}",
+            tasks=["flips_mc", "flips_gen"],
+            task_manager=TaskManager(include_path=str(tasks)),
+            log_samples=True,
+            device="cpu",
+            batch_size=8,
+            evaluation_tracker=tracker,
+        )
         tracker.save_results_aggregated(results=res, samples=res["samples"])
         for t in res["configs"]:
             tracker.save_results_samples(task_name=t, samples=res["samples"][t])
         files = sorted((root / f"logs_{name}").rglob("samples_*.jsonl"))
-        out[name] = {"mc": next(f for f in files if "flips_mc" in f.name),
-                     "gen": next(f for f in files if "flips_gen" in f.name)}
+        out[name] = {
+            "mc": next(f for f in files if "flips_mc" in f.name),
+            "gen": next(f for f in files if "flips_gen" in f.name),
+        }
     out["lm_eval_version"] = lm_eval.__version__ if hasattr(lm_eval, "__version__") else "?"
     return out
 
@@ -119,14 +160,30 @@ def _expected_mc(old_rows, new_rows, field="acc"):
         return int(np.argmax([float(x[0]) for x in r["filtered_resps"]]))
 
     diff = np.array([ans(old[i]) != ans(new[i]) for i in ids])
-    return {"acc_old": o.mean(), "acc_new": w.mean(), "nfr": (o & ~w).mean(),
-            "pfr": (~o & w).mean(), "nfr_mc": (~w & diff).mean()}
+    return {
+        "acc_old": o.mean(),
+        "acc_new": w.mean(),
+        "nfr": (o & ~w).mean(),
+        "pfr": (~o & w).mean(),
+        "nfr_mc": (~w & diff).mean(),
+    }
 
 
 def test_lm_eval_log_schema(lm_eval_logs):
     rec = _load(lm_eval_logs["old"]["mc"])[0]
-    for key in ("doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "filter",
-                "metrics", "doc_hash", "acc", "acc_norm"):
+    for key in (
+        "doc_id",
+        "doc",
+        "target",
+        "arguments",
+        "resps",
+        "filtered_resps",
+        "filter",
+        "metrics",
+        "doc_hash",
+        "acc",
+        "acc_norm",
+    ):
         assert key in rec
     assert len(_load(lm_eval_logs["old"]["mc"])) == 12
 
@@ -134,8 +191,20 @@ def test_lm_eval_log_schema(lm_eval_logs):
 def test_flips_on_lm_eval_mc_logs(lm_eval_logs, tmp_path, capsys):
     L = lm_eval_logs
     out_json = tmp_path / "out.json"
-    rc, out, err = _run(["flips", "--old", str(L["old"]["mc"]), "--new", str(L["new"]["mc"]),
-                         "--compat", str(L["compat"]["mc"]), "--json", str(out_json)], capsys)
+    rc, out, err = _run(
+        [
+            "flips",
+            "--old",
+            str(L["old"]["mc"]),
+            "--new",
+            str(L["new"]["mc"]),
+            "--compat",
+            str(L["compat"]["mc"]),
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     rep = json.loads(out_json.read_text())
     exp = _expected_mc(_load(L["old"]["mc"]), _load(L["new"]["mc"]))
@@ -188,26 +257,54 @@ def test_lm_eval_generation_logs(lm_eval_logs, tmp_path, capsys):
 
     L = lm_eval_logs
     out_json = tmp_path / "gen.json"
-    rc, out, err = _run(["flips", "--old", str(L["old"]["gen"]), "--new", str(L["new"]["gen"]),
-                         "--metric", "rouge1", "--json", str(out_json)], capsys)
+    rc, _out, err = _run(
+        [
+            "flips",
+            "--old",
+            str(L["old"]["gen"]),
+            "--new",
+            str(L["new"]["gen"]),
+            "--metric",
+            "rouge1",
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     rep = json.loads(out_json.read_text())
     sc = rouge_scorer.RougeScorer(["rouge1"])
-    old = {r["doc_id"]: sc.score(r["target"], r["filtered_resps"][0])["rouge1"].fmeasure
-           for r in _load(L["old"]["gen"])}
-    new = {r["doc_id"]: sc.score(r["target"], r["filtered_resps"][0])["rouge1"].fmeasure
-           for r in _load(L["new"]["gen"])}
+    old = {
+        r["doc_id"]: sc.score(r["target"], r["filtered_resps"][0])["rouge1"].fmeasure
+        for r in _load(L["old"]["gen"])
+    }
+    new = {
+        r["doc_id"]: sc.score(r["target"], r["filtered_resps"][0])["rouge1"].fmeasure
+        for r in _load(L["new"]["gen"])
+    }
     d = np.array([new[i] - old[i] for i in sorted(old)])
     assert rep["metric"] == "rouge1"
     assert rep["acc_old"] == pytest.approx(np.mean(list(old.values())))
     assert rep["nfr"] == pytest.approx(np.mean(d < 0))
     assert rep["pfr"] == pytest.approx(np.mean(d > 0))
     # exact_match is read from the log's own field
-    rc, out, err = _run(["flips", "--old", str(L["old"]["gen"]), "--new", str(L["new"]["gen"]),
-                         "--json", str(out_json)], capsys)
+    rc, _out, err = _run(
+        [
+            "flips",
+            "--old",
+            str(L["old"]["gen"]),
+            "--new",
+            str(L["new"]["gen"]),
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
     rep = json.loads(out_json.read_text())
     assert rc == 0 and rep["metric"] == "exact_match"
-    assert rep["acc_new"] == pytest.approx(np.mean([r["exact_match"] for r in _load(L["new"]["gen"])]))
+    assert rep["acc_new"] == pytest.approx(
+        np.mean([r["exact_match"] for r in _load(L["new"]["gen"])])
+    )
 
 
 def test_lm_eval_several_filters_need_choice(lm_eval_logs, tmp_path, capsys):
@@ -228,8 +325,9 @@ CMP = [("a", 1, 1), ("b", 2, 2), ("c", 1, 1), ("d", 0, 3), ("e", 2, 0)]
 
 
 def _pl(tmp_path, name, rows):
-    return _write_jsonl(tmp_path / f"{name}.jsonl",
-                        [{"id": i, "prediction": p, "label": y} for i, p, y in rows])
+    return _write_jsonl(
+        tmp_path / f"{name}.jsonl", [{"id": i, "prediction": p, "label": y} for i, p, y in rows]
+    )
 
 
 def test_plain_prediction_label_hand_computed(tmp_path, capsys):
@@ -238,8 +336,20 @@ def test_plain_prediction_label_hand_computed(tmp_path, capsys):
     # NFR_c = {d} = 1/5 ; dNFR_c = -1/5 ; d%NFR_c = -1/2 ; dacc_c = 3/5 - 2/5
     paths = [_pl(tmp_path, n, r) for n, r in (("old", OLD), ("new", NEW), ("cmp", CMP))]
     out_json = tmp_path / "r.json"
-    rc, out, err = _run(["flips", "--old", str(paths[0]), "--new", str(paths[1]),
-                         "--compat", str(paths[2]), "--json", str(out_json)], capsys)
+    rc, out, err = _run(
+        [
+            "flips",
+            "--old",
+            str(paths[0]),
+            "--new",
+            str(paths[1]),
+            "--compat",
+            str(paths[2]),
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     rep = json.loads(out_json.read_text())
     assert rep["acc_old"] == pytest.approx(0.6) and rep["acc_new"] == pytest.approx(0.4)
@@ -259,13 +369,27 @@ def test_plain_prediction_label_hand_computed(tmp_path, capsys):
 
 
 def test_plain_score_only_generative(tmp_path, capsys):
-    old = _write_jsonl(tmp_path / "o.jsonl", [{"id": i, "score": s} for i, s in
-                                             enumerate([0.5, 0.2, 1.0, 0.0])])
-    new = _write_jsonl(tmp_path / "n.jsonl", [{"id": i, "score": s} for i, s in
-                                             enumerate([0.75, 0.2, 0.4, 0.0])])
+    old = _write_jsonl(
+        tmp_path / "o.jsonl", [{"id": i, "score": s} for i, s in enumerate([0.5, 0.2, 1.0, 0.0])]
+    )
+    new = _write_jsonl(
+        tmp_path / "n.jsonl", [{"id": i, "score": s} for i, s in enumerate([0.75, 0.2, 0.4, 0.0])]
+    )
     out_json, png = tmp_path / "g.json", tmp_path / "g.png"
-    rc, out, err = _run(["flips", "--old", str(old), "--new", str(new), "--json", str(out_json),
-                         "--plot", str(png)], capsys)
+    rc, out, err = _run(
+        [
+            "flips",
+            "--old",
+            str(old),
+            "--new",
+            str(new),
+            "--json",
+            str(out_json),
+            "--plot",
+            str(png),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     rep = json.loads(out_json.read_text())
     assert rep["kind"] == "generative" and rep["metric"] == "score"
@@ -279,17 +403,21 @@ def test_plain_score_only_generative(tmp_path, capsys):
 def test_score_only_binary_says_nfr_mc_unavailable(tmp_path, capsys):
     old = _write_jsonl(tmp_path / "o.jsonl", [{"id": i, "score": s} for i, s in enumerate([1, 0])])
     new = _write_jsonl(tmp_path / "n.jsonl", [{"id": i, "score": s} for i, s in enumerate([0, 0])])
-    rc, out, err = _run(["flips", "--old", str(old), "--new", str(new)], capsys)
+    rc, out, _err = _run(["flips", "--old", str(old), "--new", str(new)], capsys)
     assert rc == 0
     assert "NFR_mc n/a: OLD: score-only file" in out.replace("\n", " ")
 
 
 def test_rouge1_and_exact_match_from_predictions(tmp_path):
-    rows_o = [{"id": 1, "prediction": "the cat sat", "label": "the cat sat on the mat"},
-              {"id": 2, "prediction": " Paris ", "label": "Paris"}]
-    rows_n = [{"id": 1, "prediction": "the cat sat on the mat", "label": "the cat sat on the mat"},
-              {"id": 2, "prediction": "London", "label": "Paris"}]
-    po, pn = _write_jsonl(tmp_path / "o.jsonl", rows_o), _write_jsonl(tmp_path / "n.jsonl", rows_n)
+    rows_o = [
+        {"id": 1, "prediction": "the cat sat", "label": "the cat sat on the mat"},
+        {"id": 2, "prediction": " Paris ", "label": "Paris"},
+    ]
+    rows_n = [
+        {"id": 1, "prediction": "the cat sat on the mat", "label": "the cat sat on the mat"},
+        {"id": 2, "prediction": "London", "label": "Paris"},
+    ]
+    po, _pn = _write_jsonl(tmp_path / "o.jsonl", rows_o), _write_jsonl(tmp_path / "n.jsonl", rows_n)
     o = F.read_eval_log(po, metric="rouge1")
     # rouge1 of "the cat sat" vs "the cat sat on the mat": P = 1, R = 3/6 (two 'the' in ref,
     # one matched), F = 2/3
@@ -304,13 +432,15 @@ def test_missing_ids_error_and_intersect(tmp_path, capsys):
     old = _write_jsonl(tmp_path / "o.jsonl", [{"id": i, "score": 1} for i in range(10)])
     new = _write_jsonl(tmp_path / "n.jsonl", [{"id": i, "score": 0} for i in range(3, 12)])
     rc, out, err = _run(["flips", "--old", str(old), "--new", str(new)], capsys)
-    assert rc == 2
+    assert rc == 2 and out == ""  # nothing reported on failure
     assert "3 instance(s) of OLD" in err and "0, 1, 2" in err
     assert "2 instance(s) of NEW" in err and "10, 11" in err
     assert "--intersect" in err
     out_json = tmp_path / "i.json"
-    rc, out, err = _run(["flips", "--old", str(old), "--new", str(new), "--intersect",
-                         "--json", str(out_json)], capsys)
+    rc, _out, err = _run(
+        ["flips", "--old", str(old), "--new", str(new), "--intersect", "--json", str(out_json)],
+        capsys,
+    )
     assert rc == 0
     assert "dropped 5 instance(s)" in err and "comparing 7" in err
     rep = json.loads(out_json.read_text())
@@ -329,33 +459,61 @@ def test_many_missing_ids_named_but_bounded(tmp_path):
 @pytest.mark.parametrize(
     "lines, message",
     [
-        pytest.param(['{"id": 1, "score": 1}', '{"id": 2, "score": 1'], r"bad\.jsonl:2: not valid JSON",
-                     id="truncated-json"),
-        pytest.param(['{"id": 1, "score": 1}', '', '[1, 2]'], r"bad\.jsonl:3: expected a JSON object",
-                     id="not-object"),
-        pytest.param(['{"id": 1, "score": 1}', '{"score": 1}'], r"bad\.jsonl:2: missing 'id'",
-                     id="missing-id"),
-        pytest.param(['{"id": 1, "score": 1}', '{"id": 1, "score": 0}'],
-                     r"bad\.jsonl:2: id 1 repeats line 1", id="duplicate"),
-        pytest.param(['{"id": 1, "score": "high"}'], r"bad\.jsonl:1: 'score' must be a finite number",
-                     id="non-numeric"),
-        pytest.param(['{"id": 1, "score": NaN}'], r"bad\.jsonl:1: 'score' must be a finite number",
-                     id="nan"),
-        pytest.param(['{"id": [1], "score": 1}'], r"bad\.jsonl:1: 'id' must be an integer or a string",
-                     id="list-id"),
+        pytest.param(
+            ['{"id": 1, "score": 1}', '{"id": 2, "score": 1'],
+            r"bad\.jsonl:2: not valid JSON",
+            id="truncated-json",
+        ),
+        pytest.param(
+            ['{"id": 1, "score": 1}', "", "[1, 2]"],
+            r"bad\.jsonl:3: expected a JSON object",
+            id="not-object",
+        ),
+        pytest.param(
+            ['{"id": 1, "score": 1}', '{"score": 1}'],
+            r"bad\.jsonl:2: missing 'id'",
+            id="missing-id",
+        ),
+        pytest.param(
+            ['{"id": 1, "score": 1}', '{"id": 1, "score": 0}'],
+            r"bad\.jsonl:2: id 1 repeats line 1",
+            id="duplicate",
+        ),
+        pytest.param(
+            ['{"id": 1, "score": "high"}'],
+            r"bad\.jsonl:1: 'score' must be a finite number",
+            id="non-numeric",
+        ),
+        pytest.param(
+            ['{"id": 1, "score": NaN}'], r"bad\.jsonl:1: 'score' must be a finite number", id="nan"
+        ),
+        pytest.param(
+            ['{"id": [1], "score": 1}'],
+            r"bad\.jsonl:1: 'id' must be an integer or a string",
+            id="list-id",
+        ),
         pytest.param(['{"name": 1}'], r"bad\.jsonl:1: a record needs 'doc_id'", id="no-id-key"),
-        pytest.param([''], r"bad\.jsonl: no records", id="empty"),
-        pytest.param(['{"id": 1, "pred": 1}'], r"bad\.jsonl:1: no field 'acc', and no 'prediction' and 'label'", id="no-score"),
-        pytest.param(['{"doc_id": 0, "filter": "none", "metrics": ["acc"], "acc": 1}',
-                      '{"doc_id": 1, "filter": "none", "metrics": ["acc"]}'],
-                     r"bad\.jsonl:2: no field 'acc' in this sample", id="lm-eval-missing-metric"),
+        pytest.param([""], r"bad\.jsonl: no records", id="empty"),
+        pytest.param(
+            ['{"id": 1, "pred": 1}'],
+            r"bad\.jsonl:1: no field 'acc', and no 'prediction' and 'label'",
+            id="no-score",
+        ),
+        pytest.param(
+            [
+                '{"doc_id": 0, "filter": "none", "metrics": ["acc"], "acc": 1}',
+                '{"doc_id": 1, "filter": "none", "metrics": ["acc"]}',
+            ],
+            r"bad\.jsonl:2: no field 'acc' in this sample",
+            id="lm-eval-missing-metric",
+        ),
     ],
 )
 def test_malformed_lines_name_file_and_line(tmp_path, capsys, lines, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     good = _write_jsonl(tmp_path / "good.jsonl", [{"id": 1, "score": 1}])
-    rc, out, err = _run(["flips", "--old", str(good), "--new", str(bad)], capsys)
+    rc, _out, err = _run(["flips", "--old", str(good), "--new", str(bad)], capsys)
     assert rc == 2
     import re
 
@@ -375,8 +533,20 @@ def test_zero_nfr_relative_delta_is_defined(tmp_path, capsys):
     new = _write_jsonl(tmp_path / "n.jsonl", [{"id": i, "score": 1} for i in range(4)])
     cmp_ = _write_jsonl(tmp_path / "c.jsonl", [{"id": i, "score": int(i > 0)} for i in range(4)])
     out_json = tmp_path / "z.json"
-    rc, out, err = _run(["flips", "--old", str(old), "--new", str(new), "--compat", str(cmp_),
-                         "--json", str(out_json)], capsys)
+    rc, out, _err = _run(
+        [
+            "flips",
+            "--old",
+            str(old),
+            "--new",
+            str(new),
+            "--compat",
+            str(cmp_),
+            "--json",
+            str(out_json),
+        ],
+        capsys,
+    )
     assert rc == 0
     rep = json.loads(out_json.read_text())
     assert rep["nfr"] == 0.0 and rep["nfr_c"] == 0.25 and rep["dpct_nfr_c"] == "inf"
@@ -386,8 +556,20 @@ def test_zero_nfr_relative_delta_is_defined(tmp_path, capsys):
 def test_plot_png_discriminative(tmp_path, capsys):
     paths = [_pl(tmp_path, n, r) for n, r in (("old", OLD), ("new", NEW), ("cmp", CMP))]
     png = tmp_path / "flips.png"
-    rc, out, err = _run(["flips", "--old", str(paths[0]), "--new", str(paths[1]),
-                         "--compat", str(paths[2]), "--plot", str(png)], capsys)
+    rc, _out, err = _run(
+        [
+            "flips",
+            "--old",
+            str(paths[0]),
+            "--new",
+            str(paths[1]),
+            "--compat",
+            str(paths[2]),
+            "--plot",
+            str(png),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     import matplotlib.image
 
@@ -401,8 +583,16 @@ def test_help_explains_inputs_and_metrics(capsys):
         main(["flips", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for word in ("doc_id", "--log_samples", "prediction", "NFR_mc", "d%NFR_c", "--intersect",
-                 "m_g", "rouge1"):
+    for word in (
+        "doc_id",
+        "--log_samples",
+        "prediction",
+        "NFR_mc",
+        "d%NFR_c",
+        "--intersect",
+        "m_g",
+        "rouge1",
+    ):
         assert word in text, word
     with pytest.raises(SystemExit):
         main([])  # a subcommand is required

@@ -26,8 +26,9 @@ def test_discriminative_hand_computed():
 
 
 def test_discriminative_accepts_tensors_and_bools():
-    r = M.discriminative_flips(torch.tensor([True, False]), np.array([0, 1]),
-                               torch.tensor([0, 1]), torch.tensor([2, 1]))
+    r = M.discriminative_flips(
+        torch.tensor([True, False]), np.array([0, 1]), torch.tensor([0, 1]), torch.tensor([2, 1])
+    )
     # item 0: old right, new wrong with another answer (0 -> 2); item 1: a positive flip
     assert (r.nfr, r.pfr, r.nfr_mc) == (0.5, 0.5, 0.5)
     assert M.discriminative_flips([1, 0], [0, 0]).nfr_mc is None
@@ -116,20 +117,47 @@ def tiny_lm():
     transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = "what is the capital of france paris london rome berlin a b c ?".split()
+    words = [
+        "what",
+        "is",
+        "the",
+        "capital",
+        "of",
+        "france",
+        "paris",
+        "london",
+        "rome",
+        "berlin",
+        "a",
+        "b",
+        "c",
+        "?",
+    ]
     vocab = {"[UNK]": 0, "[PAD]": 1, "<s>": 2, "</s>": 3}
     for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>",
-        eos_token="</s>")
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-        bos_token_id=2, eos_token_id=3, pad_token_id=1)
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=2,
+        eos_token_id=3,
+        pad_token_id=1,
+    )
     return transformers.LlamaForCausalLM(cfg), hf_tok
 
 
@@ -146,8 +174,10 @@ def _manual(model, tok, ctx, choice):
     return sum(logp[len(ctx_ids) - 1 + j, t].item() for j, t in enumerate(cont)), len(cont)
 
 
-@pytest.mark.parametrize("batch_size", [pytest.param(1, id="bs1"), pytest.param(3, id="bs3"),
-                                        pytest.param(16, id="bs16")])
+@pytest.mark.parametrize(
+    "batch_size",
+    [pytest.param(1, id="bs1"), pytest.param(3, id="bs3"), pytest.param(16, id="bs16")],
+)
 def test_mc_loglikelihoods_match_unbatched_forward(tiny_lm, batch_size):
     model, tok = tiny_lm
     ll, n = M.mc_loglikelihoods(model, tok, CONTEXTS, CHOICES, batch_size=batch_size)
@@ -160,8 +190,10 @@ def test_mc_loglikelihoods_match_unbatched_forward(tiny_lm, batch_size):
     assert ll[1, 2].item() == -math.inf and n[1, 2].item() == 0  # item 1 has two choices
     assert torch.equal(M.mc_predict(ll), torch.argmax(ll, -1))
     norm = M.mc_predict(ll, n, normalize=True)
-    expect = [int(np.argmax([ll[d, c].item() / n[d, c].item() for c in range(len(chs))]))
-              for d, chs in enumerate(CHOICES)]
+    expect = [
+        int(np.argmax([ll[d, c].item() / n[d, c].item() for c in range(len(chs))]))
+        for d, chs in enumerate(CHOICES)
+    ]
     assert norm.tolist() == expect
 
 
@@ -179,11 +211,14 @@ def test_mc_loglikelihoods_peft_model_and_mode_restored(tiny_lm):
     peft = pytest.importorskip("peft")
     model, tok = tiny_lm
     lora = peft.get_peft_model(
-        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                               init_lora_weights=False))
+        model,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    )
     try:
         lora.train()
-        ll, n = M.mc_loglikelihoods(lora, tok, CONTEXTS, CHOICES, batch_size=4)
+        ll, _n = M.mc_loglikelihoods(lora, tok, CONTEXTS, CHOICES, batch_size=4)
         assert lora.training  # mode restored
         ref, _ = _manual(lora, tok, CONTEXTS[0], CHOICES[0][1])
         assert ll[0, 1].item() == pytest.approx(ref, abs=1e-4)
