@@ -1,0 +1,527 @@
+// Native CPU row kernel of compat_loss; the math and the contract are in
+// muscle_fast/ops/compat_loss/README.md.
+//
+// Each row is walked in chunks of CH columns. A chunk is converted to float32 in a thread-local
+// buffer (fp32 is read in place), its max is taken first, then exp sums are taken relative to the
+// running max: both loops are plain, branch-free and vectorise. Chunk sums are float32 (lanes),
+// row sums are double. This file is compiled once per ISA, into namespace mf::MF_ISA;
+// the build with MF_PRIMARY also holds validation and runtime dispatch.
+#include "compat_loss.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#ifndef MF_ISA
+#define MF_ISA baseline
+#endif
+
+namespace mf {
+namespace MF_ISA {
+namespace {
+
+constexpr int CH = 1024;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+// exp for float32, vectorisable: 2^n * e^r with |r| <= ln2/2 (Cody-Waite split of ln2), e^r by
+// its degree-7 Taylor polynomial (truncation < 6e-9 relative). Exact 0 below -87 (so exp(-inf)
+// is 0), +inf above 88 (the callers only pass x <= 0), NaN in gives NaN out.
+inline float fexp(float x) {
+  const float lo = -87.0f, hi = 88.0f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const float t = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+  const float n = t - 12582912.0f;
+  const int32_t ni = static_cast<int32_t>(f2u(t) - 0x4b400000u);
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.984126984e-4f;
+  p = p * r + 1.388888889e-3f;
+  p = p * r + 8.333333333e-3f;
+  p = p * r + 4.166666667e-2f;
+  p = p * r + 1.666666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  float y = p * u2f(static_cast<uint32_t>(ni + 127) << 23);
+  y = x < lo ? 0.0f : y;
+  y = x > hi ? kInf : y;
+  return y;
+}
+
+inline float bf16_to_f(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }
+
+inline uint16_t f_to_bf16(float f) {  // round to nearest even; NaN stays NaN (quieted)
+  const uint32_t u = f2u(f);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t q = (u >> 16) | 0x40u;
+  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? q : r);
+}
+
+inline float f16_to_f(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7fffu;
+  // exponent field moved into place, then 2^112 rebiases 15 -> 127 and normalises subnormals
+  uint32_t bits = f2u(u2f(em << 13) * 5.192296858534828e33f);
+  bits = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : bits;
+  return u2f(bits | sign);
+}
+
+inline uint16_t f_to_f16(float f) {  // round to nearest even, overflow to inf, NaN to quiet NaN
+  const uint32_t u = f2u(f);
+  const uint32_t sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  const uint32_t normal = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+  // below 2^-14: adding 0.5f makes the FPU round at 2^-24, the fp16 subnormal step
+  const uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3f000000u;
+  uint32_t h = a < 0x38800000u ? sub : normal;
+  h = a >= 0x477ff000u ? 0x7c00u : h;
+  h = a > 0x7f800000u ? 0x7e00u : h;
+  return static_cast<uint16_t>(h | sign);
+}
+
+inline const float* load(const void* base, int dtype, int64_t off, int n, float* buf) {
+  if (dtype == kFloat32) return static_cast<const float*>(base) + off;
+  const uint16_t* s = static_cast<const uint16_t*>(base) + off;
+  if (dtype == kBFloat16) {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) buf[j] = bf16_to_f(s[j]);
+  } else {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) buf[j] = f16_to_f(s[j]);
+  }
+  return buf;
+}
+
+inline void store(void* base, int dtype, int64_t off, int n, const float* src) {
+  if (dtype == kFloat32) {
+    float* d = static_cast<float*>(base) + off;
+    if (d != src) std::memcpy(d, src, sizeof(float) * n);
+    return;
+  }
+  uint16_t* d = static_cast<uint16_t*>(base) + off;
+  if (dtype == kBFloat16) {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) d[j] = f_to_bf16(src[j]);
+  } else {
+#pragma omp simd
+    for (int j = 0; j < n; ++j) d[j] = f_to_f16(src[j]);
+  }
+}
+
+inline void fill(void* base, int dtype, int64_t off, int64_t n, float v) {
+  if (dtype == kFloat32) {
+    std::fill_n(static_cast<float*>(base) + off, n, v);
+  } else {
+    const uint16_t h = dtype == kBFloat16 ? f_to_bf16(v) : f_to_f16(v);
+    std::fill_n(static_cast<uint16_t*>(base) + off, n, h);
+  }
+}
+
+inline float chunk_max(const float* x, int n) {
+  float m = -kInf;
+#pragma omp simd reduction(max : m)
+  for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// How exp at T = 1 is obtained: 0 not needed, 1 equals the exp at T (T == 1), 2 square of it
+// (T == 2), 3 its own exp.
+inline int t1_variant(bool needed, float k) {
+  if (!needed) return 0;
+  if (k == 1.0f) return 1;
+  if (k == 0.5f) return 2;
+  return 3;
+}
+
+struct Stream {
+  float m = -kInf;       // running max (raw logits)
+  int64_t arg = 0;       // first index of the max
+  float lab = kNaN;      // x[y], found by column comparison
+  double s = 0, s1 = 0;  // sum exp((x - m) k), sum exp(x - m)
+  double A = 0;          // sum exp((x - m) k) (x - z) k, teachers only
+
+  float ref() const { return m == -kInf ? 0.0f : m; }
+  double lse(float k) const { return static_cast<double>(ref()) * k + std::log(s); }
+  double lse1() const { return static_cast<double>(ref()) + std::log(s1); }
+
+  // max of the chunk, first-index argmax, label lookup, rescale of the sums on a new max
+  void observe(const float* x, int n, int64_t c0, int64_t y, float k) {
+    const float cm = chunk_max(x, n);
+    if (cm > m) {
+      int j = 0;
+      while (j < n - 1 && !(x[j] == cm)) ++j;
+      arg = c0 + j;
+      const double d = static_cast<double>(m) - static_cast<double>(cm);
+      const double f = std::exp(d * k);
+      s *= f;
+      A *= f;
+      s1 *= std::exp(d);
+      m = cm;
+    }
+    if (y >= c0 && y < c0 + n) lab = x[y - c0];  // y is proven in this chunk before the read
+  }
+};
+
+// Sums over blocks of BLK columns are float lanes; the block sums go to the double row sums,
+// which keeps the float error of a sum to about BLK / lanes additions.
+constexpr int BLK = 256;
+
+template <int V1>
+inline void sum_student(const float* x, int n, float ref, float k, Stream& st) {
+  double sa = 0, sb = 0;
+  for (int b0 = 0; b0 < n; b0 += BLK) {
+    const int b1 = std::min(n, b0 + BLK);
+    float a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int j = b0; j < b1; ++j) {
+      const float d = x[j] - ref;
+      const float e = V1 == 1 ? fexp(d) : fexp(d * k);
+      a += e;
+      b += V1 == 1 ? 0.0f : V1 == 2 ? e * e : V1 == 3 ? fexp(d) : 0.0f;
+    }
+    sa += a;
+    sb += b;
+  }
+  st.s += sa;
+  st.s1 += V1 == 1 ? sa : sb;
+}
+
+template <int V1>
+inline void sum_teacher(const float* t, const float* z, int n, float ref, float k, Stream& st) {
+  double sa = 0, sb = 0, sc = 0;
+  for (int b0 = 0; b0 < n; b0 += BLK) {
+    const int b1 = std::min(n, b0 + BLK);
+    float a = 0, b = 0, c = 0;
+#pragma omp simd reduction(+ : a, b, c)
+    for (int j = b0; j < b1; ++j) {
+      const float d = t[j] - ref;
+      const float e = V1 == 1 ? fexp(d) : fexp(d * k);
+      a += e;
+      // p_t = 0 terms are 0 even where t - z is -inf or NaN (t = z = -inf)
+      c += e > 0.0f ? e * ((t[j] - z[j]) * k) : 0.0f;
+      b += V1 == 2 ? e * e : V1 == 3 ? fexp(d) : 0.0f;
+    }
+    sa += a;
+    sb += b;
+    sc += c;
+  }
+  st.s += sa;
+  st.A += sc;
+  st.s1 += V1 == 1 ? sa : sb;
+}
+
+inline void sum_student_v(int v1, const float* x, int n, float ref, float k, Stream& st) {
+  switch (v1) {
+    case 1: sum_student<1>(x, n, ref, k, st); break;
+    case 2: sum_student<2>(x, n, ref, k, st); break;
+    default: sum_student<3>(x, n, ref, k, st); break;
+  }
+}
+
+inline void sum_teacher_v(int v1, const float* t, const float* z, int n, float ref, float k,
+                          Stream& st) {
+  switch (v1) {
+    case 0: sum_teacher<0>(t, z, n, ref, k, st); break;
+    case 1: sum_teacher<1>(t, z, n, ref, k, st); break;
+    case 2: sum_teacher<2>(t, z, n, ref, k, st); break;
+    default: sum_teacher<3>(t, z, n, ref, k, st); break;
+  }
+}
+
+struct GradCoef {
+  float zref, tref, k;
+  float akl;  // kl_w * k * scale
+  float rzT;  // 1 / sum exp((z - zref) k)
+  float rt;   // 1 / sum exp((t - tref) k)
+  float c1;   // ce_w * scale / sum exp(z - zref)
+};
+
+// out = akl (softmax(z k) - softmax(t k)) + ce_w scale softmax(z); the one-hot term is added by
+// the caller. V1 as in t1_variant.
+template <bool KL, bool CE, int V1>
+inline void grad_chunk(const float* z, const float* t, float* out, int n, const GradCoef& g) {
+#pragma omp simd
+  for (int j = 0; j < n; ++j) {
+    const float d = z[j] - g.zref;
+    const float eT = (KL || V1 != 3) ? (V1 == 1 ? fexp(d) : fexp(d * g.k)) : 0.0f;
+    float r = 0.0f;
+    if (KL) r = g.akl * (eT * g.rzT - fexp((t[j] - g.tref) * g.k) * g.rt);
+    if (CE) {
+      const float e1 = V1 == 1 ? eT : V1 == 2 ? eT * eT : fexp(d);
+      r += g.c1 * e1;
+    }
+    out[j] = r;
+  }
+}
+
+template <bool KL, bool CE>
+inline void grad_chunk_v(int v1, const float* z, const float* t, float* out, int n,
+                         const GradCoef& g) {
+  switch (v1) {
+    case 1: grad_chunk<KL, CE, 1>(z, t, out, n, g); break;
+    case 2: grad_chunk<KL, CE, 2>(z, t, out, n, g); break;
+    default: grad_chunk<KL, CE, 3>(z, t, out, n, g); break;
+  }
+}
+
+struct Buffers {
+  alignas(64) float z[CH];
+  alignas(64) float o[CH];
+  alignas(64) float w[CH];
+  alignas(64) float g[CH];
+};
+
+void row(const RowArgs& a, int64_t i, Buffers& buf) {
+  const int64_t V = a.V;
+  const int64_t b = i / a.T, tt = i % a.T;
+  float* st = a.stats + i * kStatCols;
+  const int64_t y = a.labels[i];
+  const int64_t goff = b * a.g_s0 + tt * a.g_s1;
+  if (y == a.ignore_index) {
+    for (int c = 0; c < kStatCols; ++c) st[c] = 0.0f;
+    if (a.g) fill(a.g, a.z.dtype, goff, V, 0.0f);
+    return;
+  }
+  const bool bad = y < 0 || y >= V;
+  const bool has_o = a.o.data != nullptr, has_w = a.w.data != nullptr;
+  const float k = a.inv_t;
+  const bool need_o1 = has_o && (a.mask_mode == kTokenLikelihood || a.old_label_logprob);
+  const int vz = t1_variant(true, k), vo = t1_variant(need_o1, k);
+  const int64_t zoff = b * a.z.s0 + tt * a.z.s1;
+  const int64_t ooff = b * a.o.s0 + tt * a.o.s1;
+  const int64_t woff = b * a.w.s0 + tt * a.w.s1;
+
+  Stream Z, O, W;
+  for (int64_t c0 = 0; c0 < V; c0 += CH) {
+    const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
+    const float* xz = load(a.z.data, a.z.dtype, zoff + c0, n, buf.z);
+    Z.observe(xz, n, c0, y, k);
+    sum_student_v(vz, xz, n, Z.ref(), k, Z);
+    if (has_o) {
+      const float* xo = load(a.o.data, a.o.dtype, ooff + c0, n, buf.o);
+      O.observe(xo, n, c0, y, k);
+      sum_teacher_v(vo, xo, xz, n, O.ref(), k, O);
+    }
+    if (has_w) {
+      const float* xw = load(a.w.data, a.w.dtype, woff + c0, n, buf.w);
+      W.observe(xw, n, c0, y, k);
+      sum_teacher_v(0, xw, xz, n, W.ref(), k, W);
+    }
+  }
+
+  const double lse_zT = Z.lse(k), lse_z1 = Z.lse1();
+  const double ce = lse_z1 - static_cast<double>(Z.lab);  // NaN for a bad label
+  const double kl_old = has_o ? O.A / O.s - O.lse(k) + lse_zT : 0.0;
+  const double kl_new = has_w ? W.A / W.s - W.lse(k) + lse_zT : 0.0;
+  const double old_logp = need_o1 ? static_cast<double>(O.lab) - O.lse1() : 0.0;
+
+  bool m;
+  switch (a.mask_mode) {
+    case kMaskGiven: m = a.mask[i] != 0.0f; break;
+    case kMuscle: m = Z.arg != y; break;
+    case kOldCorrect: m = has_o && O.arg == y; break;
+    case kTokenLikelihood: m = static_cast<double>(Z.lab) - lse_z1 < old_logp; break;
+    default: m = true; break;
+  }
+  const Stream* teacher = m ? (has_o ? &O : nullptr) : (has_w ? &W : nullptr);
+  const bool kl_on = a.kl_w != 0.0f && teacher != nullptr;
+  const bool ce_on = a.ce_w != 0.0f;
+  double loss = 0.0;
+  if (kl_on) loss += static_cast<double>(a.kl_w) * (m ? kl_old : kl_new);
+  if (ce_on) loss += static_cast<double>(a.ce_w) * ce;
+  if (bad) loss = kNaN;
+
+  st[0] = static_cast<float>(loss);
+  st[1] = m ? 1.0f : 0.0f;
+  st[2] = Z.arg == y ? 1.0f : 0.0f;
+  st[3] = has_o && O.arg == y ? 1.0f : 0.0f;
+  st[4] = has_w && W.arg == y ? 1.0f : 0.0f;
+  st[5] = static_cast<float>(kl_old);
+  st[6] = static_cast<float>(kl_new);
+  st[7] = static_cast<float>(ce);
+  st[8] = static_cast<float>(old_logp);
+
+  if (!a.g) return;
+  if (bad) {
+    fill(a.g, a.z.dtype, goff, V, kNaN);
+    return;
+  }
+  GradCoef g{};
+  g.zref = Z.ref();
+  g.k = k;
+  g.rzT = static_cast<float>(1.0 / Z.s);
+  g.c1 = static_cast<float>(static_cast<double>(a.ce_w) * a.scale / Z.s1);
+  const Operand* top = nullptr;
+  if (kl_on) {
+    top = m ? &a.o : &a.w;
+    g.tref = teacher->ref();
+    g.rt = static_cast<float>(1.0 / teacher->s);
+    g.akl = a.kl_w * k * a.scale;
+  }
+  const int64_t toff = kl_on ? (m ? ooff : woff) : 0;
+  const float ce_scale = a.ce_w * a.scale;
+  for (int64_t c0 = 0; c0 < V; c0 += CH) {
+    const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
+    const float* xz = load(a.z.data, a.z.dtype, zoff + c0, n, buf.z);
+    const float* xt = kl_on ? load(top->data, top->dtype, toff + c0, n, buf.o) : nullptr;
+    // fp32 grad is written in place of its own read (one element per lane): safe when g IS z
+    float* out = a.z.dtype == kFloat32 ? static_cast<float*>(a.g) + goff + c0 : buf.g;
+    if (kl_on && ce_on) grad_chunk_v<true, true>(vz, xz, xt, out, n, g);
+    else if (kl_on) grad_chunk_v<true, false>(vz, xz, xt, out, n, g);
+    else if (ce_on) grad_chunk_v<false, true>(vz, xz, xt, out, n, g);
+    else std::fill_n(out, n, 0.0f);
+    if (ce_on && y >= c0 && y < c0 + n) out[y - c0] -= ce_scale;
+    store(a.g, a.z.dtype, goff + c0, n, out);
+  }
+}
+
+}  // namespace
+
+int run(const RowArgs& a) {
+  const int64_t N = a.B * a.T;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N)));
+  int team = 1;
+#ifdef _OPENMP
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nt)));
+#pragma omp parallel num_threads(nt)
+  {
+    Buffers buf;
+#pragma omp single nowait
+    team = omp_get_num_threads();
+#pragma omp for schedule(dynamic, grain)
+    for (int64_t i = 0; i < N; ++i) row(a, i, buf);
+  }
+#else
+  (void)nt;
+  Buffers buf;
+  for (int64_t i = 0; i < N; ++i) row(a, i, buf);
+#endif
+  return team;
+}
+
+void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n) {
+  Buffers buf;
+  for (int64_t c0 = 0; c0 < n; c0 += CH) {
+    const int m = static_cast<int>(std::min<int64_t>(CH, n - c0));
+    const float* x = load(src, src_dtype, c0, m, buf.z);
+    std::memcpy(buf.g, x, sizeof(float) * m);
+    store(dst, dst_dtype, c0, m, buf.g);
+  }
+}
+
+void exp_f32(const float* src, float* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = fexp(src[j]);
+}
+
+}  // namespace MF_ISA
+
+#ifdef MF_PRIMARY
+
+const char* validate(const RowArgs& a) {
+  if (a.B <= 0 || a.T <= 0 || a.V <= 0) return "sizes B, T, V must be positive";
+  if (a.B > INT64_MAX / a.T) return "B * T overflows int64";
+  if (!a.z.data) return "logits pointer is null";
+  if (!a.labels) return "labels pointer is null";
+  if (!a.stats) return "row_stats pointer is null";
+  auto ok_dtype = [](int d) { return d == kFloat32 || d == kBFloat16 || d == kFloat16; };
+  if (!ok_dtype(a.z.dtype)) return "logits dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)";
+  if (a.o.data && !ok_dtype(a.o.dtype)) return "old_logits dtype code must be 0, 1 or 2";
+  if (a.w.data && !ok_dtype(a.w.dtype)) return "new_logits dtype code must be 0, 1 or 2";
+  if (a.mask_mode < kMaskGiven || a.mask_mode > kAllOld) return "mask_mode must be in 0..4";
+  if (a.mask_mode == kMaskGiven && !a.mask) return "mask_mode 0 needs a mask pointer";
+  if ((a.mask_mode == kOldCorrect || a.mask_mode == kTokenLikelihood || a.mask_mode == kAllOld ||
+       a.old_label_logprob) && !a.o.data)
+    return "this mask_mode (or old_label_logprob) needs old_logits";
+  if (!(a.inv_t > 0.0f) || !std::isfinite(a.inv_t)) return "inv_temperature must be finite and > 0";
+  if (a.num_threads < 1) return "num_threads must be >= 1";
+  return nullptr;
+}
+
+namespace {
+
+bool cpu_has(const char* isa) {
+  if (std::strcmp(isa, "baseline") == 0) return true;
+#if defined(MF_HAVE_X86_DISPATCH)
+  __builtin_cpu_init();
+  if (std::strcmp(isa, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::strcmp(isa, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
+           __builtin_cpu_supports("fma");
+#endif
+  return false;
+}
+
+const char* pick(const char* isa) {
+  if (isa && *isa) return cpu_has(isa) ? isa : nullptr;
+  return best_isa();
+}
+
+}  // namespace
+
+const char* best_isa() {
+  static const char* best = cpu_has("avx512") ? "avx512" : cpu_has("avx2") ? "avx2" : "baseline";
+  return best;
+}
+
+const char* available_isas() {
+  static const char* list = cpu_has("avx512") ? "baseline,avx2,avx512"
+                            : cpu_has("avx2") ? "baseline,avx2"
+                                              : "baseline";
+  return list;
+}
+
+// Runs ns::call for the picked ISA; returns false from the caller when there is none.
+#if defined(MF_HAVE_X86_DISPATCH)
+#define MF_DISPATCH_SET(isa, assign_call)                                      \
+  do {                                                                         \
+    const char* p_ = pick(isa);                                                \
+    if (!p_) return false;                                                     \
+    if (std::strcmp(p_, "avx512") == 0) { using namespace avx512; assign_call; } \
+    else if (std::strcmp(p_, "avx2") == 0) { using namespace avx2; assign_call; } \
+    else { using namespace baseline; assign_call; }                            \
+  } while (0)
+#else
+#define MF_DISPATCH_SET(isa, assign_call)                 \
+  do {                                                    \
+    if (!pick(isa)) return false;                         \
+    { using namespace baseline; assign_call; }            \
+  } while (0)
+#endif
+#define MF_DISPATCH(isa, call) \
+  do {                         \
+    MF_DISPATCH_SET(isa, call); \
+    return true;               \
+  } while (0)
+
+bool compat_loss_rows(const RowArgs& a, const char* isa, int* threads_used) {
+  int used = 0;
+  MF_DISPATCH_SET(isa, used = run(a));
+  if (threads_used) *threads_used = used;
+  return true;
+}
+
+bool convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n,
+             const char* isa) {
+  MF_DISPATCH(isa, convert(src, src_dtype, dst, dst_dtype, n));
+}
+
+bool exp_f32(const float* src, float* dst, int64_t n, const char* isa) {
+  MF_DISPATCH(isa, exp_f32(src, dst, n));
+}
+
+#endif  // MF_PRIMARY
+
+}  // namespace mf

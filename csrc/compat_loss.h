@@ -1,0 +1,64 @@
+// Native CPU backend of the compat_loss row contract (muscle_fast/ops/compat_loss/README.md).
+//
+// Tensors cross as raw pointers, sizes, strides in elements and dtype codes; no libtorch.
+// compat_loss.cpp is compiled once per instruction set (namespace baseline / avx2 / avx512);
+// compat_loss_rows() picks the best one the running CPU supports.
+#pragma once
+
+#include <cstdint>
+
+namespace mf {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum MaskMode : int { kMaskGiven = 0, kMuscle = 1, kOldCorrect = 2, kTokenLikelihood = 3, kAllOld = 4 };
+
+constexpr int kStatCols = 9;
+
+struct Operand {           // a [B, T, V] tensor with stride(-1) == 1
+  const void* data = nullptr;
+  int dtype = kFloat32;
+  int64_t s0 = 0, s1 = 0;  // strides of the B and T dims, in elements
+};
+
+struct RowArgs {
+  int64_t B = 0, T = 0, V = 0;
+  Operand z, o, w;         // student, old teacher (nullable), new teacher (nullable)
+  void* g = nullptr;       // gradient, logits dtype, may alias z.data; nullable
+  int64_t g_s0 = 0, g_s1 = 0;
+  const int64_t* labels = nullptr;  // [B*T]
+  const float* mask = nullptr;      // [B*T], read when mask_mode == kMaskGiven
+  float* stats = nullptr;           // [B*T, 9]
+  float scale = 1.f, inv_t = 1.f, kl_w = 1.f, ce_w = 0.f;
+  int64_t ignore_index = -100;
+  int mask_mode = kMuscle;
+  bool old_label_logprob = false;
+  int num_threads = 1;
+};
+
+// nullptr when args satisfy the contract, else a message naming the bad argument.
+const char* validate(const RowArgs& a);
+
+// isa: "" picks the best supported; else one of available_isas(). Returns false on an unknown or
+// unsupported isa. Arguments must have passed validate(). threads_used: the OpenMP team size.
+bool compat_loss_rows(const RowArgs& a, const char* isa = "", int* threads_used = nullptr);
+const char* best_isa();
+const char* available_isas();  // comma separated, best last
+
+// Test hooks: element-wise conversion between dtype codes and the vectorised exp.
+bool convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n, const char* isa);
+bool exp_f32(const float* src, float* dst, int64_t n, const char* isa);
+
+#define MF_DECLARE_ISA(ns)                                                                  \
+  namespace ns {                                                                            \
+  int run(const RowArgs& a);                                                                \
+  void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n);        \
+  void exp_f32(const float* src, float* dst, int64_t n);                                    \
+  }
+MF_DECLARE_ISA(baseline)
+#if defined(MF_HAVE_X86_DISPATCH)
+MF_DECLARE_ISA(avx2)
+MF_DECLARE_ISA(avx512)
+#endif
+#undef MF_DECLARE_ISA
+
+}  // namespace mf

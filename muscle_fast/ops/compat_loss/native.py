@@ -1,0 +1,106 @@
+"""Launcher of the native CPU row kernel (csrc/compat_loss.cpp, bound as ``muscle_fast._native``).
+
+Implements the row contract of ``README.md`` beside this file. No policy here: the public
+function validates user input; this launcher only asserts the contract and passes pointers,
+sizes, strides (in elements) and dtype codes to the extension.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+try:
+    from muscle_fast import _native
+except ImportError as exc:  # built without a compiler, or a broken build
+    _native = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+else:
+    _IMPORT_ERROR = ""
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MASK_MODES = {"given": 0, "muscle": 1, "old_correct": 2, "token_likelihood": 3, "all_old": 4}
+_NULL = (0, 0, (0, 0, 1))
+# "" = the best instruction set this CPU supports; "baseline", "avx2", "avx512" force one (tests,
+# benchmarks).
+ISA = os.environ.get("MUSCLE_FAST_NATIVE_ISA", "")
+
+
+def native_available() -> Tuple[bool, str]:
+    """(True, "") when the extension is importable, else (False, why)."""
+    if _native is None:
+        return False, f"muscle_fast._native is not built or failed to import ({_IMPORT_ERROR})"
+    return True, ""
+
+
+def _operand(x: Optional[torch.Tensor], name: str):
+    if x is None:
+        return _NULL
+    assert x.device.type == "cpu", f"{name} must be on the CPU"
+    assert x.dtype in DTYPE_CODES, f"{name}: unsupported dtype {x.dtype}"
+    assert x.dim() == 3 and x.stride(-1) == 1, f"{name} must be [B, T, V] with stride(-1) == 1"
+    return x.data_ptr(), DTYPE_CODES[x.dtype], tuple(x.stride())
+
+
+def _as3d(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return x.unsqueeze(0) if x is not None and x.dim() == 2 else x
+
+
+def compat_loss_native(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logits: Optional[torch.Tensor],
+    new_logits: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    grad: Optional[torch.Tensor],
+    scale: torch.Tensor,
+    *,
+    mask_mode: int,
+    inv_temperature: float,
+    kl_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+    old_label_logprob: bool,
+) -> torch.Tensor:
+    """Row statistics [B*T, 9] float32 of the compat loss; writes d loss_i / d logits * scale
+    into ``grad`` when given (``grad`` may be ``logits``). See README.md for the columns."""
+    if _native is None:
+        raise RuntimeError(native_available()[1])
+    logits, old_logits, new_logits, grad = map(_as3d, (logits, old_logits, new_logits, grad))
+    B, T, V = logits.shape
+    n = B * T
+    assert labels.dtype == torch.int64 and labels.is_contiguous() and labels.numel() == n
+    assert old_logits is None or old_logits.shape == logits.shape
+    assert new_logits is None or new_logits.shape == logits.shape
+    assert grad is None or (grad.shape == logits.shape and grad.dtype == logits.dtype)
+    if mask is not None:
+        assert mask.dtype == torch.float32 and mask.is_contiguous() and mask.numel() == n
+    assert scale.dtype == torch.float32 and scale.numel() == 1 and scale.device.type == "cpu"
+    row_stats = torch.empty(n, 9, dtype=torch.float32)
+    if n == 0:
+        return row_stats
+    z = _operand(logits, "logits")
+    o = _operand(old_logits, "old_logits")
+    w = _operand(new_logits, "new_logits")
+    g = _operand(grad, "grad")
+    _native.compat_loss_rows(
+        B, T, V,
+        z[0], z[1], z[2],
+        labels.data_ptr(),
+        o[0], o[1], o[2],
+        w[0], w[1], w[2],
+        0 if mask is None else mask.data_ptr(),
+        g[0], g[1], g[2],
+        row_stats.data_ptr(),
+        float(scale.item()),
+        int(mask_mode),
+        float(inv_temperature),
+        float(kl_weight),
+        float(ce_weight),
+        int(ignore_index),
+        bool(old_label_logprob),
+        max(1, torch.get_num_threads()),
+        ISA,
+    )
+    return row_stats
