@@ -38,7 +38,7 @@ def _native_status() -> ImplStatus:
     except ImportError as e:
         return ImplStatus(False, f"native launcher missing ({e})")
     ok, why = native_available()
-    return ImplStatus(bool(ok), why)
+    return ImplStatus(bool(ok), why or ("C++ extension muscle_fast._native" if ok else "unknown"))
 
 
 def _triton_status(device: torch.device) -> ImplStatus:

@@ -1,6 +1,7 @@
 """Public compat loss: validate the inputs, choose a backend, run it."""
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import NamedTuple, Optional, Union
@@ -298,6 +299,11 @@ class FusedCompatLoss(nn.Module):
 
     def __init__(self, **options):
         super().__init__()
+        known = [p.name for p in inspect.signature(fused_compat_loss).parameters.values()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise TypeError(f"FusedCompatLoss got unknown options {unknown}; known: {known}")
         self.options = options
 
     def forward(self, logits, labels, old_logits=None, new_logits=None, **overrides):

@@ -101,13 +101,9 @@ class CompatLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_rows):
+        # A second backward through the same graph (retain_graph=True) would reuse a gradient
+        # already scaled in place: scale_grad_ bumps its version, so autograd refuses it.
         (grad,) = ctx.saved_tensors
-        if not torch.compiler.is_compiling():
-            if getattr(ctx, "used", False):
-                raise RuntimeError(
-                    "fused_compat_loss: backward ran twice through the same graph "
-                    "(retain_graph=True); the saved gradient is scaled in place and cannot be reused")
-            ctx.used = True
         torch.ops.muscle_fast.scale_grad_(grad, grad_loss)
         return (grad,) + (None,) * 13
 

@@ -1,0 +1,515 @@
+"""fused_compat_loss: every fused backend against the float64 reference, every option."""
+import logging
+import math
+
+import pytest
+import torch
+from conftest import DEVICE, assert_pass_rule, max_err
+
+import muscle_fast as mf
+from muscle_fast.ops.compat_loss import triton as triton_ops
+from muscle_fast.ops.compat_loss.reference import MASKS, compat_loss_reference
+
+FUSED = [i for i in ("triton", "native") if mf.available_impls(DEVICE)[i].available]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
+STAT_FIELDS = ("n_valid", "frac_to_old", "acc_student", "acc_old", "acc_new", "kl_old", "kl_new", "ce")
+
+
+def make_inputs(lead=(9,), vocab=37, dtype=torch.float32, scale=3.0, n_ignored=2, new=True):
+    """Student close to the teachers (as after fine-tuning), labels mostly the teachers' argmax."""
+    base = torch.randn(*lead, vocab, device=DEVICE) * scale
+    logits = (base + torch.randn_like(base)).to(dtype)
+    old = (base + 0.7 * torch.randn_like(base)).to(dtype)
+    new_ = (base + 0.5 * torch.randn_like(base)).to(dtype) if new else None
+    labels = torch.where(torch.rand(lead, device=DEVICE) < 0.6, base.argmax(-1),
+                         torch.randint(0, vocab, lead, device=DEVICE))
+    flat = labels.view(-1)
+    flat[torch.randperm(flat.numel(), device=DEVICE)[:n_ignored]] = -100
+    return logits, labels, old, new_
+
+
+def run(impl, logits, labels, old, new, upstream=None, **kw):
+    """(loss, grad, stats) of one call, the gradient taken with ``upstream`` as dloss."""
+    z = logits.detach().clone().requires_grad_(True)
+    loss, stats = mf.fused_compat_loss(z, labels, old, new, impl=impl, return_stats=True, **kw)
+    if upstream is None:
+        upstream = torch.randn(loss.shape, device=loss.device)
+    loss.backward(upstream.to(loss.dtype))
+    return loss.detach(), z.grad, stats, upstream
+
+
+def check_case(impl, logits, labels, old, new, **kw):
+    """The pass rule for loss, gradient and every stat, against ref64 and the same-dtype torch run."""
+    dtype = logits.dtype
+    loss, grad, stats, up = run(impl, logits, labels, old, new, **kw)
+    loss_t, grad_t, stats_t, _ = run("torch", logits, labels, old, new, upstream=up, **kw)
+    z64 = logits.detach().double().requires_grad_(True)
+    old64 = old.double()
+    new64 = None if new is None else new.double()
+    kw64 = {k: v for k, v in kw.items() if k not in ("inplace_backward", "validate")}
+    loss64, stats64 = compat_loss_reference(z64, labels, old64, new64, return_stats=True, **kw64)
+    loss64.backward(up.double())
+    assert loss.dtype == torch.float32 and loss.shape == loss64.shape
+    assert grad.dtype == dtype and grad.shape == logits.shape
+    assert_pass_rule(loss, loss_t, loss64, dtype, f"{impl} loss")
+    assert_pass_rule(grad, grad_t, z64.grad, dtype, f"{impl} grad")
+    for name in STAT_FIELDS:
+        got, want = getattr(stats, name), getattr(stats64, name)
+        assert (got is None) == (want is None), name
+        if got is not None:
+            assert got.dtype == torch.float32 and got.dim() == 0, name
+            assert_pass_rule(got, getattr(stats_t, name), want, dtype, f"{impl} stats.{name}")
+    return loss, grad, stats
+
+
+@pytest.fixture(params=[pytest.param("fused", id="fused"), pytest.param("loop", id="loop")])
+def block_path(request, monkeypatch):
+    """Triton: the one-block path (row kept in registers) or the two-pass loop over blocks."""
+    if request.param == "loop":
+        monkeypatch.setattr(triton_ops, "MAX_FUSED_BLOCK_V", 16)
+        monkeypatch.setattr(triton_ops, "LOOP_BLOCK_V", 16)
+    return request.param
+
+
+# --------------------------------------------------------------------------- the matrix
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask", MASKS)
+def test_masks(impl, dtype, mask, block_path):
+    logits, labels, old, new = make_inputs((3, 5), 37, dtype)
+    check_case(impl, logits, labels, old, new, mask=mask, ce_weight=0.25)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("mask", ["old_correct", "all_old", "tensor"])
+def test_without_new_teacher(impl, mask):
+    logits, labels, old, _ = make_inputs((11,), 29, new=False)
+    m = torch.rand(11, device=DEVICE) < 0.5 if mask == "tensor" else mask
+    loss, _, stats = check_case(impl, logits, labels, old, None, mask=m)
+    assert stats.acc_new is None and stats.kl_new is None
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_caller_mask_tensor(impl, dtype):
+    logits, labels, old, new = make_inputs((2, 6), 41, dtype)
+    m = (torch.rand(2, 6, device=DEVICE) < 0.5).to(torch.int64)
+    _, _, stats = check_case(impl, logits, labels, old, new, mask=m)
+    valid = labels != -100
+    assert math.isclose(float(stats.frac_to_old), float(m[valid].float().mean()), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_sequence_ids_packed(impl, block_path):
+    logits, labels, old, new = make_inputs((2, 8), 23)
+    seq = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2], [2, 2, 5, 5, 5, 5, 6, 6]], device=DEVICE)
+    check_case(impl, logits, labels, old, new, mask="sequence_likelihood", sequence_ids=seq)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions(impl, reduction):
+    logits, labels, old, new = make_inputs((4, 3), 19)
+    loss, _, _ = check_case(impl, logits, labels, old, new, reduction=reduction, ce_weight=0.5)
+    if reduction == "none":
+        assert loss.shape == (4, 3) and bool((loss[labels == -100] == 0).all())
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("num_items", [pytest.param(37, id="int"), pytest.param("tensor", id="tensor")])
+def test_num_items(impl, num_items):
+    logits, labels, old, new = make_inputs((10,), 17)
+    n = torch.tensor(37, device=DEVICE) if num_items == "tensor" else num_items
+    loss, _, _ = check_case(impl, logits, labels, old, new, num_items=n)
+    summed = mf.fused_compat_loss(logits, labels, old, new, impl=impl, reduction="sum")
+    assert math.isclose(float(loss), float(summed) / 37, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
+@pytest.mark.parametrize("weights", [(1.0, 0.0), (0.7, 0.3), (0.0, 1.0), (2.5, 0.0)], ids=str)
+def test_temperature_and_weights(impl, temperature, weights):
+    logits, labels, old, new = make_inputs((7,), 33)
+    kl_w, ce_w = weights
+    check_case(impl, logits, labels, old, new, temperature=temperature, kl_weight=kl_w,
+               ce_weight=ce_w)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize(
+    "lead,vocab",
+    [
+        pytest.param((1,), 64, id="N=1"),
+        pytest.param((5,), 1, id="V=1"),
+        pytest.param((6,), 7, id="V=7"),
+        pytest.param((3,), 1271, id="V=1271"),
+        pytest.param((2, 2), 300, id="BTV"),
+        pytest.param((0,), 11, id="N=0"),
+    ],
+)
+def test_shapes(impl, lead, vocab, block_path):
+    n_ignored = 1 if lead[0] > 1 else 0
+    logits, labels, old, new = make_inputs(lead, vocab, n_ignored=n_ignored)
+    check_case(impl, logits, labels, old, new, ce_weight=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("vocab", [32000, 128256, 151936])
+def test_llm_vocabularies(impl, vocab):
+    logits, labels, old, new = make_inputs((64,), vocab, torch.bfloat16, n_ignored=8)
+    check_case(impl, logits, labels, old, new, ce_weight=0.1)
+
+
+# --------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_all_ignored_is_zero(impl):
+    logits, labels, old, new = make_inputs((4,), 13)
+    labels[:] = -100
+    loss, grad, stats = check_case(impl, logits, labels, old, new, ce_weight=0.5)
+    assert float(loss) == 0.0 and not grad.any() and float(stats.n_valid) == 0
+    assert all(float(getattr(stats, f)) == 0 for f in STAT_FIELDS)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_custom_ignore_index(impl):
+    logits, labels, old, new = make_inputs((9,), 13, n_ignored=0)
+    labels[labels == 5] = 6
+    labels[:3] = 5
+    _, grad, stats = check_case(impl, logits, labels, old, new, ignore_index=5)
+    assert float(stats.n_valid) == 6 and not grad[:3].any()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_argmax_ties_take_first_index(impl, block_path):
+    v = 40
+    logits = torch.zeros(4, v, device=DEVICE)
+    logits[:, [3, 20, 35]] = 5.0  # ties across blocks in the loop path
+    old = logits.clone()
+    old[:, 3] = 4.0
+    labels = torch.tensor([3, 20, 35, 3], device=DEVICE)
+    _, _, stats = check_case(impl, logits, labels, old, old.clone(), mask="muscle")
+    # the student's argmax is column 3: right only for rows 0 and 3; old's is 20: row 1
+    assert float(stats.acc_student) == 0.5 and float(stats.acc_old) == 0.25
+    assert float(stats.frac_to_old) == 0.5
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_masked_vocabulary_columns(impl, dtype, block_path):
+    logits, labels, old, new = make_inputs((6,), 45, dtype)
+    cols = [0, 17, 18, 44]
+    for t in (logits, old, new):
+        t[:, cols] = float("-inf")
+    labels[torch.isin(labels, torch.tensor(cols, device=DEVICE))] = 1
+    loss, grad, _ = check_case(impl, logits, labels, old, new, ce_weight=0.3)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all() and not grad[:, cols].any()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_teacher_only_masked_column(impl):
+    """A column where only the teacher is -inf: p_t = 0 there, the KL stays finite and exact."""
+    logits, labels, old, new = make_inputs((5,), 21)
+    old[:, 4] = float("-inf")
+    loss, _, _ = check_case(impl, logits, labels, old, new, mask="all_old")
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_confident_rows_bf16(impl, block_path):
+    logits, labels, old, new = make_inputs((8,), 50, torch.bfloat16, scale=40.0, n_ignored=0)
+    check_case(impl, logits, labels, old, new, ce_weight=0.5, temperature=0.5)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("bad", ["student", "old", "new"])
+def test_nan_propagates(impl, bad):
+    logits, labels, old, new = make_inputs((4,), 16, n_ignored=0)
+    target = {"student": logits, "old": old, "new": new}[bad]
+    target[1, 3] = float("nan")
+    loss = mf.fused_compat_loss(logits, labels, old, new, impl=impl, mask="all_old" if bad != "new"
+                                else "muscle", reduction="none")
+    if bad != "new":
+        assert torch.isnan(loss[1])
+    mean = mf.fused_compat_loss(logits, labels, old, new, impl=impl, reduction="mean",
+                                mask="all_old" if bad != "new" else torch.zeros(4, device=DEVICE))
+    assert torch.isnan(mean)
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_out_of_range_label_without_validate_is_nan(impl):
+    logits, labels, old, new = make_inputs((4,), 16, n_ignored=0)
+    labels[2] = 999
+    z = logits.clone().requires_grad_(True)
+    loss = mf.fused_compat_loss(z, labels, old, new, impl=impl, validate=False, reduction="none")
+    loss.sum().backward()
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3]]).all()
+    assert torch.isnan(z.grad[2]).all() and torch.isfinite(z.grad[[0, 1, 3]]).all()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_non_contiguous_inputs(impl, block_path):
+    """Shifted slices of [B, T+1, V] (the usual causal-LM case) are read in place, and a
+    non-unit vocabulary stride is copied."""
+    logits, labels, old, new = make_inputs((3, 6), 26)
+    z, o = logits[:, :-1], old[:, 1:]
+    w = new.transpose(0, 1).contiguous().transpose(0, 1)[:, :-1]
+    assert not z.is_contiguous() and not w.is_contiguous()
+    check_case(impl, z, labels[:, 1:], o, w, ce_weight=0.2)
+    zt = logits[0].t().contiguous().t()  # stride(-1) != 1
+    check_case(impl, zt, labels[0], old[0], new[0])
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inplace_backward(impl, dtype, block_path):
+    logits, labels, old, new = make_inputs((2, 5), 37, dtype)
+    ref_loss, ref_grad, _, up = run(impl, logits, labels, old, new, ce_weight=0.2)
+    leaf = logits.detach().clone().requires_grad_(True)
+    z = leaf * 1  # a non-leaf, as an lm_head output is
+    loss = mf.fused_compat_loss(z, labels, old, new, impl=impl, ce_weight=0.2, inplace_backward=True)
+    loss.backward(up)
+    assert float(loss) == float(ref_loss)
+    assert torch.equal(leaf.grad, ref_grad)
+    assert torch.equal(z.detach(), leaf.grad)  # the logits buffer now holds the gradient
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_frozen_teachers_get_no_grad_and_are_unchanged(impl):
+    logits, labels, old, new = make_inputs((6,), 20)
+    old_copy, new_copy = old.clone(), new.clone()
+    z = logits.clone().requires_grad_(True)
+    mf.fused_compat_loss(z, labels, old, new, impl=impl, inplace_backward=True).backward()
+    assert torch.equal(old, old_copy) and torch.equal(new, new_copy)
+    assert old.grad is None and new.grad is None
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_forward_without_grad_writes_no_gradient(impl):
+    logits, labels, old, new = make_inputs((6,), 20)
+    before = logits.clone()
+    with torch.no_grad():
+        loss = mf.fused_compat_loss(logits, labels, old, new, impl=impl, inplace_backward=True)
+    assert torch.equal(logits, before) and loss.grad_fn is None
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_backward_twice_is_an_error(impl):
+    logits, labels, old, new = make_inputs((3,), 9)
+    z = logits.clone().requires_grad_(True)
+    loss = mf.fused_compat_loss(z, labels, old, new, impl=impl)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_module_matches_function(impl):
+    logits, labels, old, new = make_inputs((5,), 12)
+    module = mf.FusedCompatLoss(mask="old_correct", temperature=1.5, impl=impl)
+    assert "old_correct" in repr(module)
+    got = module(logits, labels, old, new)
+    want = mf.fused_compat_loss(logits, labels, old, new, mask="old_correct", temperature=1.5,
+                                impl=impl)
+    assert torch.equal(got, want)
+    with pytest.raises(TypeError, match="temprature"):
+        mf.FusedCompatLoss(temprature=2.0)
+
+
+def test_stats_to_dict():
+    logits, labels, old, new = make_inputs((5,), 12)
+    _, stats = mf.fused_compat_loss(logits, labels, old, new, impl="torch", return_stats=True)
+    d = stats.to_dict("train/")
+    assert set(d) == {"train/" + f for f in STAT_FIELDS} and all(isinstance(v, float) for v in d.values())
+
+
+# --------------------------------------------------------------------------- gradient scaling
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
+def test_scale_rows_kernel(per_row):
+    if not mf.available_impls(DEVICE)["triton"].available:
+        pytest.skip("triton unavailable")
+    g = torch.randn(2, 3, 40, device=DEVICE)
+    ref = g.clone()
+    go = torch.tensor([1.0, 2.0, -0.5, 1.0, 0.0, 3.0], device=DEVICE) if per_row else torch.tensor(
+        0.25, device=DEVICE)
+    triton_ops.scale_rows_triton(g, go)
+    assert torch.equal(g, ref * (go.view(2, 3, 1) if per_row else go))
+    one = torch.tensor(1.0, device=DEVICE)
+    triton_ops.scale_rows_triton(g, one)
+    assert torch.equal(g, ref * (go.view(2, 3, 1) if per_row else go))
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_upstream_one_reuses_forward_gradient(impl):
+    """With upstream 1 the gradient handed back is the forward's buffer itself, unscaled."""
+    logits, labels, old, new = make_inputs((4,), 10)
+    z = logits.clone().requires_grad_(True) * 1
+    expected = run(impl, logits, labels, old, new, upstream=torch.tensor(1.0))[1]
+    seen = []
+    z.register_hook(lambda g: seen.append((g.data_ptr(), g.clone())))
+    mf.fused_compat_loss(z, labels, old, new, impl=impl, inplace_backward=True).backward()
+    assert seen[0][0] == z.data_ptr() and torch.equal(seen[0][1], expected)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_cases():
+    v = 10
+    z = torch.randn(4, v)
+    y = torch.randint(0, v, (4,))
+    o, w = torch.randn(4, v), torch.randn(4, v)
+    cases = {
+        "logits-1d": ((torch.randn(v), y, o, w), {}, ValueError, "logits"),
+        "logits-int": ((z.long(), y, o, w), {}, TypeError, "logits"),
+        "labels-float": ((z, y.float(), o, w), {}, TypeError, "labels"),
+        "labels-shape": ((z, y[:3], o, w), {}, ValueError, "labels"),
+        "labels-range": ((z, torch.tensor([0, 1, 10, 2]), o, w), {}, ValueError, "labels"),
+        "labels-negative": ((z, torch.tensor([0, -1, 1, 2]), o, w), {}, ValueError, "labels"),
+        "old-missing": ((z, y, None, w), {}, ValueError, "old_logits"),
+        "old-vocab": ((z, y, torch.randn(4, v + 1), w), {}, ValueError, "one tokenizer"),
+        "new-shape": ((z, y, o, torch.randn(3, v)), {}, ValueError, "new_logits"),
+        "old-dtype": ((z, y, o.long(), w), {}, TypeError, "old_logits"),
+        "old-requires-grad": ((z, y, o.clone().requires_grad_(), w), {}, ValueError, "detach"),
+        "mask-name": ((z, y, o, w), {"mask": "musle"}, ValueError, "mask"),
+        "mask-needs-new": ((z, y, o, None), {"mask": "muscle"}, ValueError, "new_logits"),
+        "mask-values": ((z, y, o, w), {"mask": torch.tensor([0, 2, 1, 0])}, ValueError, "0/1"),
+        "mask-shape": ((z, y, o, w), {"mask": torch.ones(5)}, ValueError, "mask"),
+        "mask-type": ((z, y, o, w), {"mask": 3}, TypeError, "mask"),
+        "temperature-zero": ((z, y, o, w), {"temperature": 0.0}, ValueError, "temperature"),
+        "temperature-nan": ((z, y, o, w), {"temperature": float("nan")}, ValueError, "temperature"),
+        "kl-negative": ((z, y, o, w), {"kl_weight": -1.0}, ValueError, "kl_weight"),
+        "ce-str": ((z, y, o, w), {"ce_weight": "1"}, TypeError, "ce_weight"),
+        "reduction": ((z, y, o, w), {"reduction": "avg"}, ValueError, "reduction"),
+        "num-items-sum": ((z, y, o, w), {"num_items": 4, "reduction": "sum"}, ValueError, "num_items"),
+        "num-items-zero": ((z, y, o, w), {"num_items": 0}, ValueError, "num_items"),
+        "seq-ids-wrong-mask": ((z, y, o, w), {"sequence_ids": torch.zeros(4, dtype=torch.long)},
+                               ValueError, "sequence_ids"),
+        "impl-name": ((z, y, o, w), {"impl": "cuda"}, ValueError, "impl"),
+        "ignore-float": ((z, y, o, w), {"ignore_index": -100.0}, TypeError, "ignore_index"),
+        "impl-fp64": ((z.double(), y, o.double(), w.double()), {"impl": "triton"}, TypeError,
+                      "float64"),
+    }
+    return [pytest.param(*c, id=k) for k, c in cases.items()]
+
+
+@pytest.mark.parametrize("args,kwargs,exc,match", _bad_cases())
+def test_bad_input_raises(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        mf.fused_compat_loss(*args, **kwargs)
+
+
+@pytest.mark.gpu
+def test_device_mismatch_raises():
+    z = torch.randn(4, 10, device="cuda")
+    with pytest.raises(ValueError, match="old_logits"):
+        mf.fused_compat_loss(z, torch.zeros(4, dtype=torch.long, device="cuda"), torch.randn(4, 10),
+                             torch.randn(4, 10, device="cuda"))
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_available_impls_say_why():
+    status = mf.available_impls("cpu")
+    assert set(status) == {"triton", "native", "torch"} and status["torch"].available
+    for s in status.values():
+        assert isinstance(s.reason, str) and s.reason
+
+
+def test_env_var_selects_and_explicit_impl_wins(monkeypatch):
+    logits, labels, old, new = make_inputs((3,), 9)
+    monkeypatch.setenv("MUSCLE_FAST_IMPL", "torch")
+    a = mf.fused_compat_loss(logits, labels, old, new)
+    monkeypatch.setenv("MUSCLE_FAST_IMPL", "bogus")
+    with pytest.raises(ValueError, match="MUSCLE_FAST_IMPL"):
+        mf.fused_compat_loss(logits, labels, old, new)
+    b = mf.fused_compat_loss(logits, labels, old, new, impl="torch")
+    assert torch.equal(a, b)
+
+
+def test_unavailable_explicit_impl_raises_with_reason(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    logits, labels, old, new = make_inputs((3,), 9)
+    if DEVICE.type == "cpu":
+        with pytest.raises(RuntimeError, match="cannot run here: triton runs on CUDA"):
+            mf.fused_compat_loss(logits, labels, old, new, impl="triton")
+
+
+def test_auto_fallback_says_so_once(monkeypatch, caplog):
+    from muscle_fast import _dispatch
+
+    monkeypatch.setattr(_dispatch, "_native_status",
+                        lambda: _dispatch.ImplStatus(False, "not built (test)"))
+    _dispatch._say_once.cache_clear()
+    logits, labels, old, new = make_inputs((3,), 9)
+    with caplog.at_level(logging.WARNING, logger="muscle_fast"):
+        for _ in range(3):
+            assert _dispatch.choose_impl("auto", torch.device("cpu"), torch.float32) == "torch"
+    assert sum("not built (test)" in r.getMessage() for r in caplog.records) == 1
+    _dispatch._say_once.cache_clear()
+
+
+# --------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.parametrize("impl", FUSED)
+def test_torch_compile_fullgraph(impl):
+    torch._dynamo.reset()
+    logits, labels, old, new = make_inputs((2, 4), 24)
+
+    def step(z, y, o, w):
+        loss, stats = mf.fused_compat_loss(z, y, o, w, impl=impl, ce_weight=0.1, return_stats=True)
+        return loss * 2.0, stats.frac_to_old
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    z1 = logits.clone().requires_grad_(True)
+    z2 = logits.clone().requires_grad_(True)
+    eager_loss, eager_frac = step(z1, labels, old, new)
+    comp_loss, comp_frac = compiled(z2, labels, old, new)
+    eager_loss.backward()
+    comp_loss.backward()
+    assert torch.allclose(eager_loss, comp_loss) and torch.equal(eager_frac, comp_frac)
+    assert torch.allclose(z1.grad, z2.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", FUSED)
+def test_no_host_sync_in_forward_backward(impl):
+    logits, labels, old, new = make_inputs((64,), 32000, torch.bfloat16)
+    z = logits.clone().requires_grad_(True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = mf.fused_compat_loss(z, labels, old, new, impl=impl, validate=False)
+        loss.backward(torch.tensor(0.5, device=DEVICE))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_64bit_offsets():
+    """N * V above 2**31 elements."""
+    n, v = 17000, 128256  # 2.18e9 elements, bf16: 4.4 GB per tensor
+    logits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16)
+    old = logits.clone()
+    labels = torch.randint(0, v, (n,), device="cuda")
+    loss, stats = mf.fused_compat_loss(logits, labels, old, None, mask="all_old", impl="triton",
+                                       return_stats=True)
+    assert abs(float(loss)) < 1e-3 and float(stats.n_valid) == n
+    last = mf.fused_compat_loss(logits[-2:], labels[-2:], old[-2:], None, mask="all_old",
+                                impl="torch", reduction="none")
+    full = mf.fused_compat_loss(logits, labels, old, None, mask="all_old", impl="triton",
+                                reduction="none")
+    assert torch.allclose(full[-2:], last, atol=1e-4)
