@@ -134,6 +134,7 @@ def linear_compat_loss_rows(
         else:
             rows.index_copy_(0, idx, rows_c)
         if not with_grad:
+            del z
             continue
         g = z
         if row_grad is not None:
