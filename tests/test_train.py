@@ -19,6 +19,15 @@ from muscle_fast.train.model import COMPAT_ADAPTER, TEACHER_ADAPTER  # noqa: E40
 VOCAB, SEQ = 96, 12
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # tiny models: OpenMP threads only add stalls on a shared 2-core machine
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _base(seed, vocab=VOCAB):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
