@@ -227,6 +227,8 @@ def check_options(labels, lead, device, *, has_new, mask, temperature, kl_weight
     temperature = _check_number("temperature", temperature, positive=True)
     kl_weight = _check_number("kl_weight", kl_weight, positive=False)
     ce_weight = _check_number("ce_weight", ce_weight, positive=False)
+    if kl_weight == 0 and ce_weight == 0:
+        raise ValueError("kl_weight and ce_weight are both 0: the loss would be identically 0")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:

@@ -389,6 +389,7 @@ def _bad_cases():
         "temperature-zero": ((z, y, o, w), {"temperature": 0.0}, ValueError, "temperature"),
         "temperature-nan": ((z, y, o, w), {"temperature": float("nan")}, ValueError, "temperature"),
         "kl-negative": ((z, y, o, w), {"kl_weight": -1.0}, ValueError, "kl_weight"),
+        "weights-both-zero": ((z, y, o, w), {"kl_weight": 0.0}, ValueError, "both 0"),
         "ce-str": ((z, y, o, w), {"ce_weight": "1"}, TypeError, "ce_weight"),
         "reduction": ((z, y, o, w), {"reduction": "avg"}, ValueError, "reduction"),
         "num-items-sum": ((z, y, o, w), {"num_items": 4, "reduction": "sum"}, ValueError, "num_items"),

@@ -1,0 +1,43 @@
+"""Randomised property test: any shape and option mix agrees with the float64 reference."""
+import pytest
+import torch
+from conftest import DEVICE
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_compat_loss import FUSED, check_case, make_inputs
+
+from muscle_fast.ops.compat_loss import triton as triton_ops
+from muscle_fast.ops.compat_loss.reference import MASKS
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    b=st.integers(1, 3),
+    t=st.integers(1, 6),
+    vocab=st.integers(1, 90),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    mask=st.sampled_from(MASKS + ("tensor",)),
+    temperature=st.sampled_from([0.5, 1.0, 1.7, 4.0]),
+    kl_weight=st.sampled_from([0.0, 0.5, 1.0]),
+    ce_weight=st.sampled_from([0.0, 0.3, 1.0]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    with_new=st.booleans(),
+    ignored=st.integers(0, 4),
+    block=st.sampled_from([16, 8192]),
+    scale=st.sampled_from([1.0, 4.0, 20.0]),
+)
+def test_random_options_match_reference(impl, monkeypatch, b, t, vocab, dtype, mask, temperature,
+                                        kl_weight, ce_weight, reduction, with_new, ignored, block,
+                                        scale):
+    monkeypatch.setattr(triton_ops, "MAX_FUSED_BLOCK_V", block)
+    monkeypatch.setattr(triton_ops, "LOOP_BLOCK_V", min(block, 4096))
+    if kl_weight == 0 and ce_weight == 0:
+        kl_weight = 1.0
+    if mask in ("muscle", "token_likelihood", "sequence_likelihood"):
+        with_new = True
+    logits, labels, old, new = make_inputs((b, t), vocab, dtype, scale=scale,
+                                           n_ignored=min(ignored, b * t), new=with_new)
+    m = (torch.rand(b, t, device=DEVICE) < 0.5) if mask == "tensor" else mask
+    check_case(impl, logits, labels, old, new, mask=m, temperature=temperature,
+               kl_weight=kl_weight, ce_weight=ce_weight, reduction=reduction)
