@@ -3,9 +3,10 @@
 //
 // Each row is walked in chunks of CH columns. A chunk is converted to float32 in a thread-local
 // buffer (fp32 is read in place), its max is taken first, then exp sums are taken relative to the
-// running max: both loops are plain, branch-free and vectorise. Chunk sums are float32 (lanes),
-// row sums are double. This file is compiled once per ISA, into namespace mf::MF_ISA;
-// the build with MF_PRIMARY also holds validation and runtime dispatch.
+// running max. The loops use GCC/Clang vector extensions with L lanes (one register of the ISA),
+// so they are SIMD whatever the auto-vectoriser decides. Block sums are float32 lanes, row sums
+// double. This file is compiled once per ISA, into namespace mf::MF_ISA; the build with
+// MF_PRIMARY also holds validation and runtime dispatch.
 #include "compat_loss.h"
 
 #include <algorithm>
@@ -25,26 +26,56 @@ namespace mf {
 namespace MF_ISA {
 namespace {
 
-constexpr int CH = 1024;
+constexpr int CH = 1024;  // columns per chunk (a multiple of L)
+// SIMD width in floats: one register of the ISA this file is compiled for
+#if defined(__AVX512F__)
+constexpr int L = 16;
+#elif defined(__AVX__)
+constexpr int L = 8;
+#else
+constexpr int L = 4;
+#endif
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// GCC/Clang vector extensions: explicit SIMD that does not depend on the auto-vectoriser.
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+typedef uint32_t vu __attribute__((vector_size(4 * L)));
+typedef uint16_t vh __attribute__((vector_size(2 * L)));
+
+inline vf splat(float c) { return vf{} + c; }
+inline vf ld(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void st(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// n < L valid elements, the rest `pad` (-inf: exp gives 0, max ignores it)
+inline vf ld_tail(const float* p, int n, float pad) {
+  alignas(64) float t[L];
+  for (int i = 0; i < L; ++i) t[i] = i < n ? p[i] : pad;
+  return ld(t);
+}
+inline vf ld_any(const float* p, int j, int n) { return j + L <= n ? ld(p + j) : ld_tail(p + j, n - j, -kInf); }
+inline double hsum(vf v) {
+  double s = 0;
+  for (int i = 0; i < L; ++i) s += v[i];
+  return s;
+}
 
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 
-// exp for float32, vectorisable: 2^n * e^r with |r| <= ln2/2 (Cody-Waite split of ln2), e^r by
-// its degree-7 Taylor polynomial (truncation < 6e-9 relative). Exact 0 below -87 (so exp(-inf)
-// is 0), +inf above 88 (the callers only pass x <= 0), NaN in gives NaN out.
-inline float fexp(float x) {
-  const float lo = -87.0f, hi = 88.0f;
-  float xc = x < lo ? lo : x;
+// exp for float32 lanes: 2^n * e^r with |r| <= ln2/2 (Cody-Waite split of ln2), e^r by its
+// degree-7 Taylor polynomial (truncation < 6e-9 relative); <= 2 ulp measured. Exact 0 below -87
+// (so exp(-inf) is 0), +inf above 88 (callers pass x <= 0), NaN in gives NaN out.
+inline vf vexp(vf x) {
+  const vf lo = splat(-87.0f), hi = splat(88.0f);
+  vf xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const float t = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
-  const float n = t - 12582912.0f;
-  const int32_t ni = static_cast<int32_t>(f2u(t) - 0x4b400000u);
-  float r = xc - n * 0.693359375f;
+  const vf t = xc * 1.44269504088896341f + 12582912.0f;  // + 1.5 * 2^23 rounds to an integer
+  const vf n = t - 12582912.0f;
+  const vi ni = (vi)((vu)t - 0x4b400000u);
+  vf r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float p = 1.984126984e-4f;
+  vf p = splat(1.984126984e-4f);
   p = p * r + 1.388888889e-3f;
   p = p * r + 8.333333333e-3f;
   p = p * r + 4.166666667e-2f;
@@ -52,52 +83,60 @@ inline float fexp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  float y = p * u2f(static_cast<uint32_t>(ni + 127) << 23);
-  y = x < lo ? 0.0f : y;
-  y = x > hi ? kInf : y;
+  vf y = p * (vf)((vu)(ni + 127) << 23);
+  y = x < lo ? splat(0.0f) : y;
+  y = x > hi ? splat(kInf) : y;
   return y;
 }
 
-inline float bf16_to_f(uint16_t h) { return u2f(static_cast<uint32_t>(h) << 16); }
+inline vf bf16_to_f(vh h) { return (vf)(__builtin_convertvector(h, vu) << 16); }
 
-inline uint16_t f_to_bf16(float f) {  // round to nearest even; NaN stays NaN (quieted)
-  const uint32_t u = f2u(f);
-  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t q = (u >> 16) | 0x40u;
-  return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? q : r);
+inline vh f_to_bf16(vf f) {  // round to nearest even; NaN stays NaN (quieted)
+  const vu u = (vu)f;
+  const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const vu q = (u >> 16) | 0x40u;
+  return __builtin_convertvector((u & 0x7fffffffu) > 0x7f800000u ? q : r, vh);
 }
 
-inline float f16_to_f(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7fffu;
+inline vf f16_to_f(vh h16) {
+  const vu h = __builtin_convertvector(h16, vu);
+  const vu sign = (h & 0x8000u) << 16;
+  const vu em = h & 0x7fffu;
   // exponent field moved into place, then 2^112 rebiases 15 -> 127 and normalises subnormals
-  uint32_t bits = f2u(u2f(em << 13) * 5.192296858534828e33f);
+  vu bits = (vu)((vf)(em << 13) * 5.192296858534828e33f);
   bits = em >= 0x7c00u ? ((em << 13) | 0x7f800000u) : bits;
-  return u2f(bits | sign);
+  return (vf)(bits | sign);
 }
 
-inline uint16_t f_to_f16(float f) {  // round to nearest even, overflow to inf, NaN to quiet NaN
-  const uint32_t u = f2u(f);
-  const uint32_t sign = (u >> 16) & 0x8000u;
-  const uint32_t a = u & 0x7fffffffu;
-  const uint32_t normal = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+inline vh f_to_f16(vf f) {  // round to nearest even, overflow to inf, NaN to quiet NaN
+  const vu u = (vu)f;
+  const vu sign = (u >> 16) & 0x8000u;
+  const vu a = u & 0x7fffffffu;
+  const vu normal = (a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
   // below 2^-14: adding 0.5f makes the FPU round at 2^-24, the fp16 subnormal step
-  const uint32_t sub = f2u(u2f(a) + 0.5f) - 0x3f000000u;
-  uint32_t h = a < 0x38800000u ? sub : normal;
-  h = a >= 0x477ff000u ? 0x7c00u : h;
-  h = a > 0x7f800000u ? 0x7e00u : h;
-  return static_cast<uint16_t>(h | sign);
+  const vu sub = (vu)((vf)a + 0.5f) - 0x3f000000u;
+  vu h = a < 0x38800000u ? sub : normal;
+  h = a >= 0x477ff000u ? (vu{} + 0x7c00u) : h;
+  h = a > 0x7f800000u ? (vu{} + 0x7e00u) : h;
+  return __builtin_convertvector(h | sign, vh);
 }
 
+inline vh ldh(const uint16_t* p) { vh v; std::memcpy(&v, p, sizeof v); return v; }
+inline void sth(uint16_t* p, vh v) { std::memcpy(p, &v, sizeof v); }
+
+// Chunk of n <= CH columns as float32: fp32 is read in place, 16-bit types are converted.
 inline const float* load(const void* base, int dtype, int64_t off, int n, float* buf) {
   if (dtype == kFloat32) return static_cast<const float*>(base) + off;
   const uint16_t* s = static_cast<const uint16_t*>(base) + off;
-  if (dtype == kBFloat16) {
-#pragma omp simd
-    for (int j = 0; j < n; ++j) buf[j] = bf16_to_f(s[j]);
-  } else {
-#pragma omp simd
-    for (int j = 0; j < n; ++j) buf[j] = f16_to_f(s[j]);
+  const bool bf = dtype == kBFloat16;
+  int j = 0;
+  for (; j + L <= n; j += L) st(buf + j, bf ? bf16_to_f(ldh(s + j)) : f16_to_f(ldh(s + j)));
+  if (j < n) {
+    alignas(64) uint16_t t[L] = {};
+    std::memcpy(t, s + j, sizeof(uint16_t) * (n - j));
+    alignas(64) float o[L];
+    st(o, bf ? bf16_to_f(ldh(t)) : f16_to_f(ldh(t)));
+    std::memcpy(buf + j, o, sizeof(float) * (n - j));
   }
   return buf;
 }
@@ -109,12 +148,14 @@ inline void store(void* base, int dtype, int64_t off, int n, const float* src) {
     return;
   }
   uint16_t* d = static_cast<uint16_t*>(base) + off;
-  if (dtype == kBFloat16) {
-#pragma omp simd
-    for (int j = 0; j < n; ++j) d[j] = f_to_bf16(src[j]);
-  } else {
-#pragma omp simd
-    for (int j = 0; j < n; ++j) d[j] = f_to_f16(src[j]);
+  const bool bf = dtype == kBFloat16;
+  int j = 0;
+  for (; j + L <= n; j += L) sth(d + j, bf ? f_to_bf16(ld(src + j)) : f_to_f16(ld(src + j)));
+  if (j < n) {
+    alignas(64) uint16_t t[L];
+    const vf v = ld_tail(src + j, n - j, 0.0f);
+    sth(t, bf ? f_to_bf16(v) : f_to_f16(v));
+    std::memcpy(d + j, t, sizeof(uint16_t) * (n - j));
   }
 }
 
@@ -122,16 +163,34 @@ inline void fill(void* base, int dtype, int64_t off, int64_t n, float v) {
   if (dtype == kFloat32) {
     std::fill_n(static_cast<float*>(base) + off, n, v);
   } else {
-    const uint16_t h = dtype == kBFloat16 ? f_to_bf16(v) : f_to_f16(v);
+    const vf x = splat(v);
+    const uint16_t h = dtype == kBFloat16 ? f_to_bf16(x)[0] : f_to_f16(x)[0];
     std::fill_n(static_cast<uint16_t*>(base) + off, n, h);
   }
 }
 
-inline float chunk_max(const float* x, int n) {
-  float m = -kInf;
-#pragma omp simd reduction(max : m)
-  for (int j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  return m;
+// max of x[0, n) and the first index where it occurs (0 when every entry is -inf or NaN)
+inline float chunk_max(const float* x, int n, int* first) {
+  vf m = splat(-kInf);
+  vi idx = vi{};
+  vi lane;
+  for (int i = 0; i < L; ++i) lane[i] = i;
+  for (int j = 0; j < n; j += L) {
+    const vf v = ld_any(x, j, n);
+    const vi gt = v > m;
+    m = gt ? v : m;
+    idx = gt ? lane + j : idx;
+  }
+  float best = -kInf;
+  int at = 0;
+  for (int i = 0; i < L; ++i) {
+    if (m[i] > best || (m[i] == best && idx[i] < at)) {
+      best = m[i];
+      at = idx[i];
+    }
+  }
+  *first = at;
+  return best;
 }
 
 // How exp at T = 1 is obtained: 0 not needed, 1 equals the exp at T (T == 1), 2 square of it
@@ -156,10 +215,9 @@ struct Stream {
 
   // max of the chunk, first-index argmax, label lookup, rescale of the sums on a new max
   void observe(const float* x, int n, int64_t c0, int64_t y, float k) {
-    const float cm = chunk_max(x, n);
+    int j;
+    const float cm = chunk_max(x, n, &j);
     if (cm > m) {
-      int j = 0;
-      while (j < n - 1 && !(x[j] == cm)) ++j;
       arg = c0 + j;
       const double d = static_cast<double>(m) - static_cast<double>(cm);
       const double f = std::exp(d * k);
@@ -172,69 +230,66 @@ struct Stream {
   }
 };
 
-// Sums over blocks of BLK columns are float lanes; the block sums go to the double row sums,
-// which keeps the float error of a sum to about BLK / lanes additions.
-constexpr int BLK = 256;
+// A block's sum is taken in float lanes (BLK / L = 16 additions per lane); block sums go to the
+// double row sums. Error of a row sum: about 16 float additions, whatever V.
+constexpr int BLK = 16 * L;
 
 template <int V1>
-inline void sum_student(const float* x, int n, float ref, float k, Stream& st) {
-  double sa = 0, sb = 0;
+inline void sum_student(const float* x, int n, float ref, float k, Stream& sm) {
+  const vf vref = splat(ref);
   for (int b0 = 0; b0 < n; b0 += BLK) {
     const int b1 = std::min(n, b0 + BLK);
-    float a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-    for (int j = b0; j < b1; ++j) {
-      const float d = x[j] - ref;
-      const float e = V1 == 1 ? fexp(d) : fexp(d * k);
+    vf a = vf{}, b = vf{};
+    for (int j = b0; j < b1; j += L) {
+      const vf d = ld_any(x, j, n) - vref;
+      const vf e = V1 == 1 ? vexp(d) : vexp(d * k);
       a += e;
-      b += V1 == 1 ? 0.0f : V1 == 2 ? e * e : V1 == 3 ? fexp(d) : 0.0f;
+      if (V1 == 2) b += e * e;
+      if (V1 == 3) b += vexp(d);
     }
-    sa += a;
-    sb += b;
+    sm.s += hsum(a);
+    sm.s1 += V1 == 1 ? 0.0 : hsum(b);
   }
-  st.s += sa;
-  st.s1 += V1 == 1 ? sa : sb;
+  if (V1 == 1) sm.s1 = sm.s;
 }
 
 template <int V1>
-inline void sum_teacher(const float* t, const float* z, int n, float ref, float k, Stream& st) {
-  double sa = 0, sb = 0, sc = 0;
+inline void sum_teacher(const float* t, const float* z, int n, float ref, float k, Stream& sm) {
+  const vf vref = splat(ref), zero = vf{};
   for (int b0 = 0; b0 < n; b0 += BLK) {
     const int b1 = std::min(n, b0 + BLK);
-    float a = 0, b = 0, c = 0;
-#pragma omp simd reduction(+ : a, b, c)
-    for (int j = b0; j < b1; ++j) {
-      const float d = t[j] - ref;
-      const float e = V1 == 1 ? fexp(d) : fexp(d * k);
+    vf a = vf{}, b = vf{}, c = vf{};
+    for (int j = b0; j < b1; j += L) {
+      const vf tv = ld_any(t, j, n), zv = ld_any(z, j, n);
+      const vf d = tv - vref;
+      const vf e = V1 == 1 ? vexp(d) : vexp(d * k);
       a += e;
       // p_t = 0 terms are 0 even where t - z is -inf or NaN (t = z = -inf)
-      c += e > 0.0f ? e * ((t[j] - z[j]) * k) : 0.0f;
-      b += V1 == 2 ? e * e : V1 == 3 ? fexp(d) : 0.0f;
+      c += e > zero ? e * ((tv - zv) * k) : zero;
+      if (V1 == 2) b += e * e;
+      if (V1 == 3) b += vexp(d);
     }
-    sa += a;
-    sb += b;
-    sc += c;
+    sm.s += hsum(a);
+    sm.A += hsum(c);
+    if (V1 >= 2) sm.s1 += hsum(b);
   }
-  st.s += sa;
-  st.A += sc;
-  st.s1 += V1 == 1 ? sa : sb;
 }
 
-inline void sum_student_v(int v1, const float* x, int n, float ref, float k, Stream& st) {
+inline void sum_student_v(int v1, const float* x, int n, float ref, float k, Stream& sm) {
   switch (v1) {
-    case 1: sum_student<1>(x, n, ref, k, st); break;
-    case 2: sum_student<2>(x, n, ref, k, st); break;
-    default: sum_student<3>(x, n, ref, k, st); break;
+    case 1: sum_student<1>(x, n, ref, k, sm); break;
+    case 2: sum_student<2>(x, n, ref, k, sm); break;
+    default: sum_student<3>(x, n, ref, k, sm); break;
   }
 }
 
 inline void sum_teacher_v(int v1, const float* t, const float* z, int n, float ref, float k,
-                          Stream& st) {
+                          Stream& sm) {
   switch (v1) {
-    case 0: sum_teacher<0>(t, z, n, ref, k, st); break;
-    case 1: sum_teacher<1>(t, z, n, ref, k, st); break;
-    case 2: sum_teacher<2>(t, z, n, ref, k, st); break;
-    default: sum_teacher<3>(t, z, n, ref, k, st); break;
+    case 0: sum_teacher<0>(t, z, n, ref, k, sm); break;
+    case 1: sum_teacher<1>(t, z, n, ref, k, sm); sm.s1 = sm.s; break;
+    case 2: sum_teacher<2>(t, z, n, ref, k, sm); break;
+    default: sum_teacher<3>(t, z, n, ref, k, sm); break;
   }
 }
 
@@ -247,20 +302,24 @@ struct GradCoef {
 };
 
 // out = akl (softmax(z k) - softmax(t k)) + ce_w scale softmax(z); the one-hot term is added by
-// the caller. V1 as in t1_variant.
+// the caller. V1 as in t1_variant. out may be z itself (each lane is read before it is written).
 template <bool KL, bool CE, int V1>
 inline void grad_chunk(const float* z, const float* t, float* out, int n, const GradCoef& g) {
-#pragma omp simd
-  for (int j = 0; j < n; ++j) {
-    const float d = z[j] - g.zref;
-    const float eT = (KL || V1 != 3) ? (V1 == 1 ? fexp(d) : fexp(d * g.k)) : 0.0f;
-    float r = 0.0f;
-    if (KL) r = g.akl * (eT * g.rzT - fexp((t[j] - g.tref) * g.k) * g.rt);
+  const vf zref = splat(g.zref), tref = splat(g.tref);
+  for (int j = 0; j < n; j += L) {
+    const vf d = ld_any(z, j, n) - zref;
+    const vf eT = (KL || V1 != 3) ? (V1 == 1 ? vexp(d) : vexp(d * g.k)) : vf{};
+    vf r = vf{};
+    if (KL) r = g.akl * (eT * g.rzT - vexp((ld_any(t, j, n) - tref) * g.k) * g.rt);
     if (CE) {
-      const float e1 = V1 == 1 ? eT : V1 == 2 ? eT * eT : fexp(d);
+      const vf e1 = V1 == 1 ? eT : V1 == 2 ? eT * eT : vexp(d);
       r += g.c1 * e1;
     }
-    out[j] = r;
+    if (j + L <= n) {
+      st(out + j, r);
+    } else {
+      for (int i = 0; i < n - j; ++i) out[j + i] = r[i];
+    }
   }
 }
 
@@ -420,8 +479,11 @@ void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n
 }
 
 void exp_f32(const float* src, float* dst, int64_t n) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) dst[j] = fexp(src[j]);
+  for (int64_t j = 0; j < n; j += L) {
+    const int m = static_cast<int>(std::min<int64_t>(L, n - j));
+    const vf y = vexp(m == L ? ld(src + j) : ld_tail(src + j, m, 0.0f));
+    for (int i = 0; i < m; ++i) dst[j + i] = y[i];
+  }
 }
 
 }  // namespace MF_ISA
