@@ -47,6 +47,9 @@ class CMakeBuild(build_ext):
             except Exception as exc:  # no compiler, no cmake, a failed compile
                 if os.environ.get("MUSCLE_FAST_REQUIRE_NATIVE") == "1":
                     raise
+                stale = Path(self.get_ext_fullpath(ext.name))
+                if stale.exists():  # an earlier build's output must not ship as this one's
+                    stale.unlink()
                 msg = (f"muscle_fast: building {ext.name} failed ({exc}); installing without the "
                        "native CPU backend (impl='torch' is used on the CPU instead)")
                 warnings.warn(msg)

@@ -414,7 +414,9 @@ import torch, muscle_fast
 from muscle_fast.ops.compat_loss import native
 from muscle_fast.ops.compat_loss.reference import compat_loss_reference
 ok, why = native.native_available(); assert ok, why
-assert "site-packages" in native._native.__file__, native._native.__file__
+import sys
+assert native._native.__file__.startswith(sys.prefix), native._native.__file__
+assert muscle_fast.__file__.startswith(sys.prefix), muscle_fast.__file__
 torch.manual_seed(0)
 z, o, w = (torch.randn(2, 8, 1000) * 3 for _ in range(3))
 y = torch.randint(0, 1000, (16,))
@@ -438,9 +440,13 @@ def test_wheel_installs_and_runs(tmp_path):
     wheels = list(dist.glob("muscle_fast-*.whl"))
     assert len(wheels) == 1
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    # torch (and numpy) from this interpreter's environment, never a fresh torch download
+    (Path(site) / "host_torch.pth").write_text(str(Path(torch.__file__).resolve().parents[1]) + "\n")
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheels[0])], check=True)
-    out = subprocess.run([str(py), "-c", WHEEL_CHECK], check=True, capture_output=True, text=True,
-                         cwd=tmp_path)
+    out = subprocess.run([str(py), "-c", WHEEL_CHECK], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
     assert "wheel ok" in out.stdout
