@@ -230,9 +230,12 @@ struct Stream {
   }
 };
 
-// A block's sum is taken in float lanes (BLK / L = 16 additions per lane); block sums go to the
+// A block's sum is taken in float lanes (MF_BLOCK_ADDS = 16 additions per lane); block sums go to the
 // double row sums. Error of a row sum: about 16 float additions, whatever V.
-constexpr int BLK = 16 * L;
+#ifndef MF_BLOCK_ADDS
+#define MF_BLOCK_ADDS 16
+#endif
+constexpr int BLK = MF_BLOCK_ADDS * L;
 
 template <int V1>
 inline void sum_student(const float* x, int n, float ref, float k, Stream& sm) {
