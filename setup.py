@@ -74,7 +74,12 @@ class CMakeBuild(build_ext):
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         args += shlex.split(os.environ.get("MUSCLE_FAST_CMAKE_ARGS", ""))
-        subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build_temp)] + args)
+        configure = [cmake, "-S", str(ROOT), "-B", str(build_temp)] + args
+        if subprocess.call(configure) != 0:
+            # a cache from another configuration (compiler, generator) cannot be reused
+            shutil.rmtree(build_temp)
+            build_temp.mkdir(parents=True)
+            subprocess.check_call(configure)
         subprocess.check_call([cmake, "--build", str(build_temp), "--target", "_native"])
         built = Path(self.get_ext_fullpath(ext.name)).resolve()
         if not built.exists():
