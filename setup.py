@@ -5,6 +5,7 @@ Metadata lives in pyproject.toml. Without a working compiler or cmake the packag
 MUSCLE_FAST_REQUIRE_NATIVE=1. MUSCLE_FAST_SANITIZE=1 builds with ASan + UBSan;
 MUSCLE_FAST_CMAKE_ARGS adds cmake arguments.
 """
+
 import os
 import shlex
 import shutil
@@ -28,7 +29,7 @@ def _tool(name: str, module: str):
         mod = __import__(module)
         cand = Path(mod.BIN_DIR) / name
         return str(cand) if cand.exists() else None
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means: not available
         return None
 
 
@@ -50,8 +51,10 @@ class CMakeBuild(build_ext):
                 stale = Path(self.get_ext_fullpath(ext.name))
                 if stale.exists():  # an earlier build's output must not ship as this one's
                     stale.unlink()
-                msg = (f"muscle_fast: building {ext.name} failed ({exc}); installing without the "
-                       "native CPU backend (impl='torch' is used on the CPU instead)")
+                msg = (
+                    f"muscle_fast: building {ext.name} failed ({exc}); installing without the "
+                    "native CPU backend (impl='torch' is used on the CPU instead)"
+                )
                 warnings.warn(msg)
                 print(msg, file=sys.stderr)
         self.extensions[:] = built

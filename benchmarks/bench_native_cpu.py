@@ -6,6 +6,7 @@ Prints one row per (dtype, backend): median time, speed-up vs eager, bytes/s aga
 contract's byte count, and this machine's measured copy bandwidth. Correctness is checked
 against eager before any timing. Not a test.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,12 @@ def eager_loss(z, y, o, w, temperature, ignore_index=-100):
     """log_softmax / kl_div / argmax / where: the MUSCLE masked KL as a PyTorch user writes it."""
     zf = z.float()
     logp_s = F.log_softmax(zf / temperature, -1)
-    kl_old = F.kl_div(logp_s, F.log_softmax(o.float() / temperature, -1), log_target=True,
-                      reduction="none").sum(-1)
-    kl_new = F.kl_div(logp_s, F.log_softmax(w.float() / temperature, -1), log_target=True,
-                      reduction="none").sum(-1)
+    kl_old = F.kl_div(
+        logp_s, F.log_softmax(o.float() / temperature, -1), log_target=True, reduction="none"
+    ).sum(-1)
+    kl_new = F.kl_div(
+        logp_s, F.log_softmax(w.float() / temperature, -1), log_target=True, reduction="none"
+    ).sum(-1)
     valid = y != ignore_index
     to_old = zf.detach().argmax(-1) != y
     loss_i = torch.where(to_old, kl_old, kl_new)
@@ -72,13 +75,22 @@ def main():
     N, V, T = args.n, args.v, args.temperature
     bw = copy_bandwidth()
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=False,
+        ).stdout.strip()
     except OSError:
         commit = ""
-    print(f"# {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
-          f"isa={native._native.best_isa() if not native.ISA else native.ISA}, commit={commit}")
-    print(f"# copy bandwidth (256 MB copy_ into a preallocated tensor, read+write): {bw / 1e9:.1f} GB/s")
+    print(
+        f"# {platform.processor() or platform.machine()}, threads={torch.get_num_threads()}, "
+        f"isa={native._native.best_isa() if not native.ISA else native.ISA}, commit={commit}"
+    )
+    print(
+        f"# copy bandwidth (256 MB copy_ into a preallocated tensor, read+write): {bw / 1e9:.1f} GB/s"
+    )
     rows = []
     for name in args.dtype:
         dt = DTYPES[name]
@@ -90,10 +102,22 @@ def main():
         n_valid = int((y != -100).sum())
         scale = torch.tensor(1.0 / n_valid)
 
-        def run_native():
+        def run_native(z=z, y=y, o=o, w=w, grad=grad, scale=scale):
             return native.compat_loss_native(
-                z, y, o, w, None, grad, scale, mask_mode=1, inv_temperature=1.0 / T,
-                kl_weight=1.0, ce_weight=0.0, ignore_index=-100, old_label_logprob=False)
+                z,
+                y,
+                o,
+                w,
+                None,
+                grad,
+                scale,
+                mask_mode=1,
+                inv_temperature=1.0 / T,
+                kl_weight=1.0,
+                ce_weight=0.0,
+                ignore_index=-100,
+                old_label_logprob=False,
+            )
 
         grad.zero_()  # first touch of the preallocated gradient is not the kernel's memory
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -120,19 +144,33 @@ def main():
         if not args.skip_eager:
             zl = z.detach().clone().requires_grad_(True)
 
-            def run_eager():
+            def run_eager(zl=zl, y=y, o=o, w=w):
                 zl.grad = None
                 eager_loss(zl, y, o, w, T).backward()
 
             t_eager = median_time(run_eager, max(3, args.reps // 2), warmup=1)
-        row = dict(device="cpu", dtype=name, N=N, V=V, T=T, mask="muscle", threads=torch.get_num_threads(),
-                   native_s=t_nat, eager_s=t_eager, speedup=t_eager / t_nat,
-                   native_dram_GBps=dram_bytes / t_nat / 1e9,
-                   native_contract_GBps=contract_bytes / t_nat / 1e9, copy_GBps=bw / 1e9,
-                   floor_s=dram_bytes / bw, frac_of_floor=(dram_bytes / bw) / t_nat,
-                   err_loss_vs_f64=err_loss, err_grad_vs_f64=err_grad,
-                   native_peak_rss_growth_MB=(rss1 - rss0) / 1024, commit=commit,
-                   date=time.strftime("%Y-%m-%d"))
+        row = {
+            "device": "cpu",
+            "dtype": name,
+            "N": N,
+            "V": V,
+            "T": T,
+            "mask": "muscle",
+            "threads": torch.get_num_threads(),
+            "native_s": t_nat,
+            "eager_s": t_eager,
+            "speedup": t_eager / t_nat,
+            "native_dram_GBps": dram_bytes / t_nat / 1e9,
+            "native_contract_GBps": contract_bytes / t_nat / 1e9,
+            "copy_GBps": bw / 1e9,
+            "floor_s": dram_bytes / bw,
+            "frac_of_floor": (dram_bytes / bw) / t_nat,
+            "err_loss_vs_f64": err_loss,
+            "err_grad_vs_f64": err_grad,
+            "native_peak_rss_growth_MB": (rss1 - rss0) / 1024,
+            "commit": commit,
+            "date": time.strftime("%Y-%m-%d"),
+        }
         rows.append(row)
         print(json.dumps(row))
 

@@ -4,6 +4,7 @@ Implements the row contract of ``README.md`` beside this file. No policy here: t
 function validates user input; this launcher only asserts the contract and passes pointers,
 sizes, strides (in elements) and dtype codes to the extension.
 """
+
 from __future__ import annotations
 
 import os
@@ -85,13 +86,23 @@ def compat_loss_native(
     w = _operand(new_logits, "new_logits")
     g = _operand(grad, "grad")
     _native.compat_loss_rows(
-        B, T, V,
-        z[0], z[1], z[2],
+        B,
+        T,
+        V,
+        z[0],
+        z[1],
+        z[2],
         labels.data_ptr(),
-        o[0], o[1], o[2],
-        w[0], w[1], w[2],
+        o[0],
+        o[1],
+        o[2],
+        w[0],
+        w[1],
+        w[2],
         0 if mask is None else mask.data_ptr(),
-        g[0], g[1], g[2],
+        g[0],
+        g[1],
+        g[2],
         row_stats.data_ptr(),
         float(scale.item()),
         int(mask_mode),
