@@ -1,0 +1,1 @@
+"""muscle_fast benchmarks: ``python -m benchmarks --help`` (harness in harness.py)."""
