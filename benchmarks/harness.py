@@ -413,7 +413,7 @@ def _mf_builder(impl: str, inplace: bool = False):
                                          temperature=TEMPERATURE, impl=impl,
                                          inplace_backward=inplace)
             return fn, ("z",)
-        from muscle_fast import fused_linear_compat_loss
+        from muscle_fast.linear import fused_linear_compat_loss
 
         def fn(i):
             return fused_linear_compat_loss(
