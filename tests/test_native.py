@@ -651,3 +651,23 @@ def test_wheel_installs_and_runs(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "wheel ok" in out.stdout
+
+
+def test_offsets_above_2_pow_31(tmp_path):
+    """Row offsets are 64-bit: the second row starts 2^31 + 17 elements in (a sparse mmapped file,
+    so only the pages of the two rows are ever touched)."""
+    V, gap = 1000, 2**31 + 17
+    path = tmp_path / "big.bin"
+    with open(path, "wb") as f:
+        f.truncate((gap + V) * 2)
+    base = torch.from_file(str(path), shared=True, size=gap + V, dtype=torch.bfloat16)
+    z = base.as_strided((2, 1, V), (gap, V, 1))
+    g = torch.Generator().manual_seed(8)
+    z[0, 0].copy_(torch.randn(V, generator=g))
+    z[1, 0].copy_(torch.randn(V, generator=g))
+    o = torch.randn(2, 1, V, generator=g).to(torch.bfloat16)
+    y = torch.tensor([3, 999])
+    got = run_native(z, y, o, None, None, None, 1.0, mode=4, ce_weight=0.5)
+    small = run_native(z.contiguous(), y, o, None, None, None, 1.0, mode=4, ce_weight=0.5)
+    assert torch.equal(got, small)
+    del z, base
