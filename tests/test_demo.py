@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from muscle_fast.train.demo import DemoConfig, add_demo_arguments, demo_main  # noqa: E402
+from muscle_fast.train.demo import DemoConfig, add_demo_arguments, demo_main
 
 
 @pytest.fixture(autouse=True, scope="module")

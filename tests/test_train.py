@@ -1,5 +1,4 @@
 """MUSCLE training on real tiny parts: LlamaForCausalLM from a config, peft LoRA, transformers.Trainer."""
-import copy
 import math
 
 import pytest
@@ -8,13 +7,17 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
 
-from muscle_fast.train import (  # noqa: E402
-    CompatArguments, CompatTrainer, build_compat_model, compat_loss, compat_training_step,
+from muscle_fast.train import (
+    CompatArguments,
+    CompatTrainer,
+    build_compat_model,
+    compat_loss,
+    compat_training_step,
 )
-from muscle_fast.train.model import COMPAT_ADAPTER, TEACHER_ADAPTER  # noqa: E402
+from muscle_fast.train.model import COMPAT_ADAPTER, TEACHER_ADAPTER
 
 VOCAB, SEQ = 96, 12
 
@@ -83,9 +86,9 @@ def _params(model, adapter):
 
 
 def _args(tmp_path, **kw):
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=1e-2,
-                max_steps=2, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+    base = {"output_dir": str(tmp_path), "per_device_train_batch_size": 2, "learning_rate": 1e-2,
+                "max_steps": 2, "logging_steps": 1, "save_strategy": "no", "report_to": [], "seed": 0,
+                "use_cpu": True, "disable_tqdm": True, "dataloader_num_workers": 0}
     base.update(kw)
     return TrainingArguments(**base)
 

@@ -4,11 +4,23 @@ Needs the ``train`` extra (transformers, peft, accelerate, tqdm).
 """
 from .loop import compat_training_step
 from .model import (
-    CompatArguments, CompatModel, build_compat_model, check_same_vocabulary, compat_loss,
+    CompatArguments,
+    CompatModel,
+    build_compat_model,
+    check_same_vocabulary,
+    compat_loss,
 )
 
-__all__ = ["CompatArguments", "CompatModel", "build_compat_model", "check_same_vocabulary",
-           "compat_loss", "compat_training_step", "CompatTrainer", "run_demo"]
+__all__ = [
+    "CompatArguments",
+    "CompatModel",
+    "CompatTrainer",
+    "build_compat_model",
+    "check_same_vocabulary",
+    "compat_loss",
+    "compat_training_step",
+    "run_demo",
+]
 
 
 def __getattr__(name):  # transformers.Trainer and the demo import lazily

@@ -1,8 +1,6 @@
 """A plain PyTorch loop step for people who do not use transformers.Trainer."""
 from __future__ import annotations
 
-from typing import Optional, Union
-
 from torch import Tensor
 
 from .model import CompatArguments, CompatModel, compat_loss
@@ -11,8 +9,8 @@ __all__ = ["compat_training_step"]
 
 
 def compat_training_step(model: CompatModel, batch: dict, optimizer=None,
-                         args: CompatArguments = CompatArguments(),
-                         num_items: Union[None, int, Tensor] = None,
+                         args: CompatArguments | None = None,
+                         num_items: None | int | Tensor = None,
                          scheduler=None) -> dict:
     """One MUSCLE step: teachers, student, fused loss, ``backward()``, then (with an optimizer)
     ``optimizer.step(); optimizer.zero_grad()``.

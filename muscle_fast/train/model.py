@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,8 +24,15 @@ from muscle_fast.loss import fused_compat_loss
 COMPAT_ADAPTER = "default"
 TEACHER_ADAPTER = "teacher"
 
-__all__ = ["CompatArguments", "CompatModel", "build_compat_model", "check_same_vocabulary",
-           "compat_loss", "COMPAT_ADAPTER", "TEACHER_ADAPTER"]
+__all__ = [
+    "COMPAT_ADAPTER",
+    "TEACHER_ADAPTER",
+    "CompatArguments",
+    "CompatModel",
+    "build_compat_model",
+    "check_same_vocabulary",
+    "compat_loss",
+]
 
 
 @dataclass
@@ -119,14 +126,14 @@ class CompatModel(nn.Module):
         self.old_model.eval()
         return self
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                labels: Optional[Tensor] = None, **kwargs):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, **kwargs):
         """The student's forward (labels are not used here: the loss is computed by
         :func:`compat_loss`)."""
         return self.student(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     @torch.no_grad()
-    def teacher_logits(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None):
+    def teacher_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None):
         """``(old_logits, new_logits)``, each [B, T, V], from the frozen teachers in eval mode."""
         old = self.old_model(input_ids=input_ids, attention_mask=attention_mask).logits
         was_training = self.student.training
@@ -162,7 +169,7 @@ class CompatModel(nn.Module):
             raise ValueError(f"{f} holds weights the compatibility adapter lacks: {missing[:5]}")
 
 
-def _load_base(base: Union[str, nn.Module], **kwargs) -> nn.Module:
+def _load_base(base: str | nn.Module, **kwargs) -> nn.Module:
     if isinstance(base, nn.Module):
         return base
     from transformers import AutoModelForCausalLM
@@ -171,10 +178,10 @@ def _load_base(base: Union[str, nn.Module], **kwargs) -> nn.Module:
 
 
 def build_compat_model(
-    new_base: Union[str, nn.Module],
+    new_base: str | nn.Module,
     new_adapter: str,
-    old_base: Union[str, nn.Module],
-    old_adapter: Optional[str] = None,
+    old_base: str | nn.Module,
+    old_adapter: str | None = None,
     *,
     old_tokenizer: Any = None,
     new_tokenizer: Any = None,
@@ -211,8 +218,8 @@ def build_compat_model(
     return CompatModel(student, old)
 
 
-def compat_loss(model: CompatModel, inputs: dict, args: CompatArguments = CompatArguments(),
-                num_items: Union[None, int, Tensor] = None, return_outputs: bool = False):
+def compat_loss(model: CompatModel, inputs: dict, args: CompatArguments | None = None,
+                num_items: None | int | Tensor = None, return_outputs: bool = False):
     """MUSCLE loss of one batch: teachers (no grad), student, causal shift, fused loss.
 
     ``logits[:, :-1]`` predicts ``labels[:, 1:]``; the shifted views go to ``fused_compat_loss``
@@ -222,6 +229,7 @@ def compat_loss(model: CompatModel, inputs: dict, args: CompatArguments = Compat
     Returns ``(loss, stats)``, or ``(loss, stats, student_outputs)`` with ``return_outputs`` (with
     ``inplace_backward`` the student's logits hold the gradient after backward: do not read them).
     """
+    args = args if args is not None else CompatArguments()
     input_ids, labels = inputs["input_ids"], inputs["labels"]
     attn = inputs.get("attention_mask")
     old, new = model.teacher_logits(input_ids, attn)

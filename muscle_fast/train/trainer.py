@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 from transformers import Trainer
@@ -28,7 +27,7 @@ class CompatTrainer(Trainer):
     # False, or None with a model that does not accept loss kwargs).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model: CompatModel, args=None, compat_args: Optional[CompatArguments] = None,
+    def __init__(self, model: CompatModel, args=None, compat_args: CompatArguments | None = None,
                  **kwargs):
         if not isinstance(model, CompatModel):
             raise TypeError(f"CompatTrainer trains a CompatModel, got {type(model).__name__} "
@@ -78,7 +77,7 @@ class CompatTrainer(Trainer):
 
     # ---- checkpoints: only the compatibility adapter ----
 
-    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
