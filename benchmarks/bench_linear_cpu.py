@@ -1,7 +1,7 @@
 """fused_linear_compat_loss vs the materialised path on CPU: time and peak memory above inputs.
 
-Each path runs in its own subprocess (peak RSS is per process): one warm-up step (lazy imports,
-allocator), then the peak-RSS growth of one forward+backward, then the median of timed steps.
+Each path runs in its own subprocess: one warm-up step (lazy imports), then the peak-RSS growth
+of one forward+backward (Linux: VmHWM after resetting it through /proc/self/clear_refs), then the median of timed steps.
 Correctness is checked (in the parent) before any timing.
 
     PYTHONPATH=. python benchmarks/bench_linear_cpu.py [--n 4096 --h 256 --v 32000 --reps 5]
@@ -52,16 +52,21 @@ def step(path, x, w, oh, ow, nh, nw, y, impl):
     return loss.detach(), xs.grad, ws.grad
 
 
-def child(args):
-    import resource
+def _status_kib(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key))
 
+
+def child(args):
     torch.set_num_threads(args.threads)
     x, w, oh, ow, nh, nw, y = make_inputs(args.n, args.h, args.v)
     sl = slice(0, 8)
     step(args.path, x[sl], w, oh[sl], ow, nh[sl], nw, y[sl], args.impl)  # lazy imports
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: peak RSS (VmHWM) := current RSS
+        f.write("5")
+    before = _status_kib("VmRSS:")
     step(args.path, x, w, oh, ow, nh, nw, y, args.impl)
-    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    growth = (_status_kib("VmHWM:") - before) * 1024
     times = []
     for _ in range(args.reps):
         t0 = time.perf_counter()
