@@ -103,7 +103,7 @@ def main():
 
     rows = []
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+                            text=True, check=False).stdout.strip()
     for path in PATHS:
         cmd = [sys.executable, __file__, "--path", path, "--n", str(args.n), "--h", str(args.h),
                "--v", str(args.v), "--reps", str(args.reps), "--impl", args.impl,

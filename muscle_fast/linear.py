@@ -10,7 +10,11 @@ from torch import Tensor
 
 from . import _dispatch
 from .loss import (
-    FLOAT_DTYPES, _check_float_tensor, check_options, check_values, fused_compat_loss,
+    FLOAT_DTYPES,
+    _check_float_tensor,
+    check_options,
+    check_values,
+    fused_compat_loss,
     sequence_mask_from_rows,
 )
 from .ops.compat_loss.function import MASK_MODES, MASK_TENSOR, stats_from_rows

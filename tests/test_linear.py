@@ -45,7 +45,7 @@ def make_inputs(lead=(23,), hidden=16, old_hidden=24, vocab=41, dtype=torch.floa
                          torch.randint(0, vocab, lead, device=DEVICE))
     flat = labels.view(-1)
     flat[torch.randperm(flat.numel(), device=DEVICE)[:n_ignored]] = -100
-    cast = lambda v: None if v is None else v.to(dtype)  # noqa: E731
+    cast = lambda v: None if v is None else v.to(dtype)
     t = {k: cast(v) for k, v in t.items()}
     if teachers == "logits":
         t = {f"{name}_logits": F.linear(t[f"{name}_hidden"], t[f"{name}_weight"], t[f"{name}_bias"])
@@ -302,7 +302,7 @@ def test_bad_input_is_a_clear_error(bad, match):
 
 
 def test_dtype_mismatch_is_an_error():
-    x, w, b, labels, t = make_inputs()
+    x, w, _, labels, t = make_inputs()
     with pytest.raises(TypeError, match="weight is torch.bfloat16"):
         fused_linear_compat_loss(x, w.bfloat16(), labels, **t)
 

@@ -64,6 +64,14 @@ def _mm_f32(a: Tensor, b: Tensor, low: bool) -> Tensor:
     return torch.mm(a, b)
 
 
+def _take_slice(x: Tensor, sel: slice) -> Tensor:
+    return x[sel]
+
+
+def _take_index(x: Tensor, idx: Tensor) -> Tensor:
+    return x.index_select(0, idx)
+
+
 def _rows3d(x: Tensor) -> Tensor:
     return (x if x.stride(-1) == 1 else x.contiguous()).unsqueeze(0)
 
@@ -111,10 +119,10 @@ def linear_compat_loss_rows(
     for start in range(0, n_rows, chunk_size):
         if index is None:
             sel = slice(start, min(start + chunk_size, n_rows))
-            take = lambda x: x[sel]  # noqa: E731
+            take = functools.partial(_take_slice, sel=sel)
         else:
             idx = index[start:start + chunk_size]
-            take = lambda x: x.index_select(0, idx)  # noqa: E731
+            take = functools.partial(_take_index, idx=idx)
         h = take(hidden)
         z = student.logits(h)
         o = old.logits(take(old_hidden)) if old is not None else take(old_logits)
