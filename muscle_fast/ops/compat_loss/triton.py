@@ -71,6 +71,13 @@ def _compat_loss_kernel(
     HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_CE: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
+    """One token row: statistics pass, mask, loss, 9 row stats, then (HAS_GRAD) the gradient.
+
+    Bytes per valid row (e = element size): pass 1 reads V * (e_z + e_o [+ e_w]) once. With
+    SINGLE_BLOCK the row stays in registers and the gradient adds only V * e_g written; otherwise
+    pass 2 reads the student and the ONE teacher the mask selected again and writes the gradient:
+    + V * (e_z + e_t + e_g). An ignored row reads nothing and writes V * e_g zeros (with a grad).
+    """
     row = tl.program_id(0).to(tl.int64)
     b = row // T_LEN
     t = row % T_LEN
