@@ -77,26 +77,42 @@ def load1() -> float:
 
 
 # ----------------------------------------------------------------------------- memory
-_MALLOC_SET = False
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TIMING_MMAP_THRESHOLD = 32 * 2**20  # glibc's own ceiling for its dynamic threshold (64-bit)
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    return _LIBC
 
 
 def _cpu_malloc_setup() -> None:
-    """Make freed CPU memory leave the process, so RSS growth is the real peak of each call.
+    """Timing runs with a fixed 32 MB mmap threshold (glibc's own dynamic ceiling on 64-bit,
+    fixed so that one peer's frees do not change the next peer's allocator behaviour)."""
+    libc = _libc()
+    if libc:
+        libc.mallopt(M_MMAP_THRESHOLD, TIMING_MMAP_THRESHOLD)
 
-    glibc serves large allocations with mmap only above a dynamic threshold (up to 32 MB) and
-    otherwise reuses resident heap; a fixed 64 KiB threshold makes every large tensor a fresh
-    mapping that is returned on free.
-    """
-    global _MALLOC_SET
-    if _MALLOC_SET:
+
+def _cpu_memory_mode(on: bool) -> None:
+    """For the one measured call: every allocation of 64 KiB or more is a fresh mapping (so it
+    shows in RSS) and free heap pages are returned first (malloc_trim), so memory the process
+    had already touched cannot hide an allocation."""
+    libc = _libc()
+    if not libc:
         return
-    _MALLOC_SET = True
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)  # M_TRIM_THRESHOLD
-    except OSError:
-        pass
+    if on:
+        libc.mallopt(M_MMAP_THRESHOLD, 64 * 1024)
+        libc.mallopt(M_TRIM_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    else:
+        libc.mallopt(M_MMAP_THRESHOLD, TIMING_MMAP_THRESHOLD)
 
 
 def _status_kib(key: str) -> int:
@@ -121,6 +137,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.start = torch.cuda.memory_allocated(self.device)
         else:
+            _cpu_memory_mode(True)
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
@@ -133,8 +150,10 @@ class PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.bytes = torch.cuda.max_memory_allocated(self.device) - self.start
-        elif self.start is not None:
-            self.bytes = _status_kib("VmHWM:") * 1024 - self.start
+        else:
+            if self.start is not None:
+                self.bytes = _status_kib("VmHWM:") * 1024 - self.start
+            _cpu_memory_mode(False)
         return False
 
 
@@ -257,13 +276,13 @@ def byte_counts(case: Case, backend: str, inputs: dict) -> tuple:
     N, V = case.N, case.V
     e = torch.finfo(DTYPES[case.dtype]).bits // 8
     full = case.mode == "full"
-    # SPEC section 4: student row + the teacher row the mask selects (muscle: old or new; the
-    # mask reads only the student) or the old row (old_correct: the mask itself reads it),
-    # + the gradient written in full mode. Every label is valid in these inputs.
-    floor = N * V * (2 * e + (e if full else 0))
+    # SPEC section 4: the student row + each teacher row the mask needs (SPEC section 2 table:
+    # muscle needs old and new, old_correct only old) read once, + the gradient written once in
+    # full mode. Every label is valid in these inputs.
+    n_teachers = 2 if case.has_new else 1
+    floor = N * V * e * (1 + n_teachers + (1 if full else 0))
     design = float("nan")
     if backend.startswith("muscle_fast[triton") or backend.startswith("muscle_fast[native"):
-        n_teachers = 2 if case.has_new else 1
         design = N * V * e * (1 + n_teachers) + N * 72  # statistics pass + row stats
         if full:
             if backend.startswith("muscle_fast[triton") and V <= 8192:
@@ -599,8 +618,9 @@ def preset_cases(name: str, device: torch.device) -> List[Case]:
                             cases.append(Case("compat_loss", mode, mask, n, v, dt))
 
     if name == "quick":
-        grid([256, 1024], [32000], ["fp32", "bf16"], ["muscle"], ["fwd", "full"])
-        cases.append(Case("linear_compat_loss", "full", "muscle", 512, 32000, "fp32", H=256))
+        grid([128, 512], [32000], ["fp32", "bf16"], ["muscle"], ["full"])
+        grid([128, 512], [32000], ["fp32"], ["muscle"], ["fwd"])
+        cases.append(Case("linear_compat_loss", "full", "muscle", 256, 32000, "fp32", H=256))
     elif name == "headline":
         if device.type == "cuda":
             grid([8192], [128256], ["bf16"], ["muscle"], ["full"])
@@ -631,10 +651,10 @@ def case_bytes(case: Case) -> int:
 def make_settings(device: torch.device, quick: bool) -> Settings:
     if device.type == "cpu":
         _cpu_malloc_setup()
-        s = Settings(device, warmup=1, min_reps=3 if quick else 5, max_reps=20,
-                     budget_s=0.5 if quick else 3.0)
+        s = Settings(device, warmup=1, min_reps=3 if quick else 5, max_reps=3 if quick else 20,
+                     budget_s=0.3 if quick else 3.0)
     else:
         s = Settings(device, warmup=3, min_reps=20, max_reps=200, budget_s=1.0)
-    s.copy_gbps = copy_bandwidth(device)
+    s.copy_gbps = copy_bandwidth(device, mb=1024 if device.type == "cuda" else 256)
     s.env = env_info(device)
     return s
