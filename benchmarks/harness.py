@@ -342,10 +342,13 @@ def _compiled(name: str, fn: Callable) -> Callable:
 def _liger_check(device: torch.device):
     try:
         import liger_kernel  # noqa: F401
+        installed = "installed"
     except Exception as e:  # noqa: BLE001
-        raise Skip(f"liger-kernel not installed ({type(e).__name__})")
+        installed = f"not installed ({type(e).__name__})"
     if device.type != "cuda":
-        raise Skip("liger-kernel needs CUDA (its ops are Triton GPU kernels)")
+        raise Skip(f"liger-kernel needs CUDA (Triton GPU kernels); here it is {installed}")
+    if installed != "installed":
+        raise Skip(f"liger-kernel {installed}: pip install liger-kernel==0.8.5 --no-deps")
 
 
 def liger_compat(z, y, o, w, mask: str, temperature: float = TEMPERATURE):
