@@ -38,8 +38,12 @@ def plot_csv(csv_path: Path, out_dir: Path = None) -> List[Path]:
             axes[0, j].set(title=title, xlabel="N (tokens)", ylabel="median ms (p20-p80)",
                            xscale="log", yscale="log")
             axes[1, j].set(xlabel="N (tokens)", ylabel="peak MB above inputs", xscale="log")
-            axes[0, j].grid(alpha=0.3)
-            axes[1, j].grid(alpha=0.3)
+            ns = sorted(sub.N.unique())
+            for ax in axes[:, j]:
+                ax.grid(alpha=0.3)
+                ax.minorticks_off()
+                ax.set_xticks(ns)
+                ax.set_xticklabels([str(n) for n in ns])
         axes[0, 0].legend(fontsize=7)
         commits = ",".join(sorted(g.commit.astype(str).unique()))
         fig.suptitle(f"{op} {mode} mask={mask} | {device} | commit {commits}", fontsize=9)
