@@ -255,10 +255,11 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Dict[str, to
     nh = (x.float() + 0.3 * randn(N, H)).to(dt)
     nw = (W.float() + 0.2 * randn(V, H) / H ** 0.5).to(dt)
     with torch.no_grad():
-        zz = torch.cat([F.linear(x[i:i + 1024].float(), W.float()).argmax(-1)
-                        for i in range(0, N, 1024)])
+        zz, oo = (torch.cat([F.linear(h[i:i + 1024].float(), m.float()).argmax(-1)
+                             for i in range(0, N, 1024)]) for h, m in ((x, W), (oh, ow)))
     y = torch.randint(0, V, (N,), generator=g, device=device)
-    y = torch.where(torch.arange(N, device=device) % 2 == 0, zz, y)
+    rows = torch.arange(N, device=device)
+    y = torch.where(rows % 2 == 0, zz, torch.where(rows % 4 == 1, oo, y))
     return dict(x=x, W=W, oh=oh, ow=ow, nh=nh if case.has_new else None,
                 nw=nw if case.has_new else None, y=y)
 
