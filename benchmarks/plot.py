@@ -23,17 +23,21 @@ def plot_csv(csv_path: Path, out_dir: Path = None) -> List[Path]:
     df = df.sort_values("date").drop_duplicates(
         ["op", "backend", "mode", "mask", "N", "V", "H", "dtype", "device"], keep="last")
     pngs = []
+    backends = sorted(df.backend.unique())  # one colour per backend across every chart
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (op, device, mode, mask), g in df.groupby(["op", "device", "mode", "mask"]):
         panels = sorted(g.groupby(["V", "H", "dtype"]).groups)
-        fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
+        fig, axes = plt.subplots(2, len(panels), figsize=(max(4.2 * len(panels), 7.5), 7),
+                                 squeeze=False)
         for j, (v, h, dt) in enumerate(panels):
             sub = g[(g.V == v) & (g.H == h) & (g.dtype == dt)]
             for backend, b in sub.groupby("backend"):
                 b = b.sort_values("N")
+                color = colors[backends.index(backend) % len(colors)]
                 axes[0, j].errorbar(b.N, b.median_ms, yerr=[b.median_ms - b.p20_ms,
                                                             b.p80_ms - b.median_ms],
-                                    marker="o", capsize=3, label=backend)
-                axes[1, j].plot(b.N, b.peak_mb, marker="o", label=backend)
+                                    marker="o", capsize=3, label=backend, color=color)
+                axes[1, j].plot(b.N, b.peak_mb, marker="o", label=backend, color=color)
             title = f"V={v}" + (f" H={h}" if h else "") + f" {dt}"
             axes[0, j].set(title=title, xlabel="N (tokens)", ylabel="median ms (p20-p80)",
                            xscale="log", yscale="log")
