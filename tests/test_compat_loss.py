@@ -32,12 +32,23 @@ def make_inputs(lead=(9,), vocab=37, dtype=torch.float32, scale=3.0, n_ignored=2
     return logits, labels, old, new_
 
 
+def random_upstream(shape, dtype):
+    """A random upstream gradient. For bf16/fp16 logits its values are signed powers of two:
+    the fused backends store the gradient in the logits' dtype during the forward and scale it
+    in the backward, so any other factor rounds twice (see test_non_power_of_two_upstream_bf16,
+    which bounds that separately); a power of two scales exactly."""
+    g = torch.randn(shape, device=DEVICE)
+    if dtype in (torch.bfloat16, torch.float16):
+        g = torch.sign(g) * torch.exp2(torch.randint(-2, 3, shape, device=DEVICE).float())
+    return g
+
+
 def run(impl, logits, labels, old, new, upstream=None, **kw):
     """(loss, grad, stats) of one call, the gradient taken with ``upstream`` as dloss."""
     z = logits.detach().clone().requires_grad_(True)
     loss, stats = mf.fused_compat_loss(z, labels, old, new, impl=impl, return_stats=True, **kw)
     if upstream is None:
-        upstream = torch.randn(loss.shape, device=loss.device)
+        upstream = random_upstream(loss.shape, logits.dtype)
     loss.backward(upstream.to(loss.dtype))
     return loss.detach(), z.grad, stats, upstream
 
@@ -332,6 +343,30 @@ def test_stats_to_dict():
 
 
 # --------------------------------------------------------------------------- gradient scaling
+
+
+@pytest.mark.parametrize("impl", FUSED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_non_power_of_two_upstream_low_precision(impl, dtype):
+    """The forward stores the gradient in the logits' dtype; an upstream factor other than a
+    power of two then rounds it a second time in the backward (PyTorch rounds once: half a unit
+    in the last place). The error stays within the two roundings' half units."""
+    logits, labels, old, new = make_inputs((4, 8), 40, dtype)
+    up = torch.tensor(0.7312, device=DEVICE)
+    _, grad, _, _ = run(impl, logits, labels, old, new, upstream=up, ce_weight=0.3)
+    z64 = logits.detach().double().requires_grad_(True)
+    compat_loss_reference(z64, labels, old.double(), new.double(), ce_weight=0.3).backward(
+        up.double())
+    exact = z64.grad
+    info = torch.finfo(dtype)
+
+    def ulp(x):
+        return info.eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(info.tiny))))
+
+    # half a unit when the unscaled gradient is stored, scaled by `up`, plus half a unit of the
+    # result; 2% of a unit for the float32 arithmetic before either rounding
+    bound = 0.5 * ulp(exact / 0.7312) * 0.7312 + 0.5 * ulp(exact) + 0.02 * ulp(exact)
+    assert bool(((grad.double() - exact).abs() <= bound).all())
 
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per_row"])
