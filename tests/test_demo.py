@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from muscle_fast.train.demo import DemoConfig, add_demo_arguments, demo_main
+from muscle_fast.train.demo import OPS, DemoConfig, _op, add_demo_arguments, demo_main
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -19,6 +19,13 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def test_demo_task_and_update():
+    assert [_op(o, 7, 5, 9) for o in OPS] == [7, 9, 9, 5, 1, 2]  # add: 21 % 10, add2: 12 % 10
+    cfg = DemoConfig()
+    # the controlled update: same architecture and tokenizer, v2 pre-trained longer
+    assert cfg.v2_steps > cfg.v1_steps
 
 
 def test_demo_quick(tmp_path):
@@ -46,6 +53,7 @@ def test_demo_quick(tmp_path):
         assert log and all(math.isfinite(h["loss"]) for h in log)
         if mask == "all_old":
             assert all(h["compat/frac_to_old"] == 1.0 for h in log)
+    assert set(r["per_op_acc"]) == set(OPS)
     assert r["flip_report_muscle"]["acc_c"] == r["compat"]["muscle"]["acc_c"]
     # the compatibility adapters are saved as plain peft adapters; bases are cached
     run = out / "run_seed3"

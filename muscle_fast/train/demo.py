@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-OPS = ("first", "last", "max", "min", "add")
+OPS = ("first", "last", "max", "min", "add", "add2")
 DIGITS = tuple(str(d) for d in range(10))
 SPECIAL = ("<pad>", "<bos>", "<eos>", "=", "Q", "A")
 
@@ -41,6 +41,8 @@ def _op(op: str, a: int, b: int, c: int) -> int:
         return min(a, b, c)
     if op == "add":
         return (a + b + c) % 10
+    if op == "add2":  # ignores c: a 100-entry table, learned late in pre-training
+        return (a + b) % 10
     if op == "sub":
         return (a - b + c) % 10
     raise ValueError(op)
@@ -57,8 +59,10 @@ class DemoConfig:
     intermediate: int = 192
     pre_batch: int = 128
     pre_lr: float = 1e-3
-    v1_steps: int = 300
-    v2_steps: int = 450  # the update: 1.5x the pre-training of v1
+    # the update: v2 gets 1/3 more pre-training than v1 (600 vs 450 steps); on this corpus the
+    # extra steps are where `add2` and then `add` are learned (measured: DEMO_RESULTS.md)
+    v1_steps: int = 450
+    v2_steps: int = 600
     n_task_train: int = 1500
     n_test: int = 1500
     lora_r: int = 8
