@@ -116,6 +116,10 @@ def fused_compat_loss(
 
     Returns:
         The loss (float32, 0-dim, or the leading shape for ``"none"``), or ``(loss, stats)``.
+        The fused backends compute the gradient in the forward and store it in the logits'
+        dtype; the backward multiplies it by the upstream gradient (no work where that is 1).
+        For bf16/fp16 logits an upstream factor that is not a power of two therefore rounds the
+        gradient twice (PyTorch's own autograd rounds once).
 
     Shape:
         logits, old_logits, new_logits: [N, V] or [B, T, V]; labels, mask, sequence_ids: [N] or
