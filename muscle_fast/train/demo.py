@@ -1,8 +1,9 @@
 """``muscle-fast demo``: a controlled model update on real transformers + peft parts, end to end.
 
 1. Two tiny Llama bases with one shared tokenizer, pre-trained here on a synthetic corpus of
-   digit operations (``op a b c = r``); v2 is the genuine upgrade: more pre-training steps
-   (cached in the output directory after the first run).
+   digit operations (``op a b c = r``); v2 is the genuine upgrade: the same pre-training run
+   continued longer (450 -> 600 steps), which is where ``add2`` = (a+b) mod 10 is learned
+   (bases cached in the output directory after the first run).
 2. A downstream task with an exact answer, in a format the bases never saw
    (``Q op a b c A r``); a LoRA task adapter is trained on each base on the same training items.
 3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out items:
