@@ -169,6 +169,36 @@ def _worker(case: str, out: Path, models: Path | None):
             stats = compat_training_step(model, batch, num_items=n / world)
             result = {"loss": stats["loss"] / world,
                       **_compat_grads(model.student)}
+        elif case == "ddp_whole_compat_model":
+            from muscle_fast.train import compat_training_step
+
+            model = DDP(_build(models))  # the wrapper transformers.Trainer / accelerate apply
+            batch = {k: _shard(v, rank) for k, v in _compat_batch().items()}
+            n = global_num_items(batch["labels"][:, 1:])
+            stats = compat_training_step(model, batch, num_items=n / world)
+            result = {"loss": stats["loss"] / world, **_compat_grads(model.module.student)}
+        elif case == "trainer":
+            from transformers import TrainerCallback, TrainingArguments
+
+            from muscle_fast.train import CompatTrainer
+
+            grads = {}
+
+            class Grab(TrainerCallback):
+                def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+                    grads.update(_compat_grads(getattr(model, "module", model).student))
+
+            b = _compat_batch()
+            rows = [{k: v[i] for k, v in b.items()} for i in range(len(b["labels"]))]
+            args = TrainingArguments(
+                output_dir=str(out / "trainer"), per_device_train_batch_size=len(rows) // world,
+                max_steps=1, learning_rate=1e-3, max_grad_norm=0, save_strategy="no",
+                report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+            trainer = CompatTrainer(model=_build(models), args=args, train_dataset=rows,
+                                    callbacks=[Grab()])
+            assert trainer.accelerator.num_processes == world
+            trainer.train()  # each rank takes 2 of the 4 rows: together the whole batch
+            result = grads
         else:
             raise ValueError(case)
         torch.save(result, out / f"rank{rank}.pt")
@@ -231,19 +261,24 @@ def test_data_parallel_fused_loss_equals_one_process(case, tmp_path):
     assert int((_shard(labels, 0) != -100).sum()) != int((_shard(labels, 1) != -100).sum())
 
 
-def test_ddp_compat_training_step_equals_one_process(tmp_path):
+@pytest.mark.parametrize("case", [
+    pytest.param("ddp_compat_step", id="ddp-student"),
+    pytest.param("ddp_whole_compat_model", id="ddp-compat-model"),
+    pytest.param("trainer", id="compat-trainer")])
+def test_ddp_compat_training_equals_one_process(case, tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     from muscle_fast.train import compat_training_step
 
     models = tmp_path / "models"
     _save_models(models)
-    ranks = _launch("ddp_compat_step", tmp_path, models)
+    ranks = _launch(case, tmp_path, models)
     model = _build(models)
     stats = compat_training_step(model, _compat_batch())
     ref = _compat_grads(model.student)
     assert ref and all(".default." in k for k in ref)
-    _close(torch.tensor(sum(r["loss"] for r in ranks)), torch.tensor(stats["loss"]), "loss")
+    if case != "trainer":
+        _close(torch.tensor(sum(r["loss"] for r in ranks)), torch.tensor(stats["loss"]), "loss")
     for rank, r in enumerate(ranks):
         assert set(r) - {"loss"} == set(ref)
         for k, g in ref.items():

@@ -232,8 +232,11 @@ def compat_loss(model: CompatModel, inputs: dict, args: CompatArguments | None =
     args = args if args is not None else CompatArguments()
     input_ids, labels = inputs["input_ids"], inputs["labels"]
     attn = inputs.get("attention_mask")
-    old, new = model.teacher_logits(input_ids, attn)
-    out = model(input_ids=input_ids, attention_mask=attn)
+    inner = model
+    while not isinstance(inner, CompatModel) and hasattr(inner, "module"):
+        inner = inner.module  # DistributedDataParallel (transformers.Trainer / accelerate wrap it)
+    old, new = inner.teacher_logits(input_ids, attn)
+    out = model(input_ids=input_ids, attention_mask=attn)  # through the wrapper: its grad hooks
     logits = out.logits
     loss, stats = fused_compat_loss(
         logits[:, :-1], labels[:, 1:], old[:, :-1], new[:, :-1],
