@@ -39,7 +39,9 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # atol of the pass rule, per input dtype: the floor under `2 * |torch_same_dtype - ref64|` where
-# that error happens to be ~0 (e.g. a loss that float32 gets exactly right by luck).
+# that error happens to be ~0 (e.g. a loss that float32 gets exactly right by luck). It is an
+# absolute floor for values of order 1 and scales with the reference's magnitude above that
+# (a statistic of 40 has a float32 spacing of 4e-6: 1e-6 absolute would ask for sub-ulp luck).
 ATOL = {torch.float32: 1e-6, torch.float16: 1e-5, torch.bfloat16: 1e-4}
 
 
@@ -59,8 +61,21 @@ def assert_pass_rule(impl_val, same_val, ref64_val, dtype, what: str) -> None:
     """|impl - ref64| <= 2 * |torch_same_dtype - ref64| + atol[dtype] (flash-attention's rule)."""
     err = max_err(impl_val, ref64_val)
     base = max_err(same_val, ref64_val)
-    bound = 2 * base + ATOL[dtype]
-    assert err <= bound, f"{what}: |impl - ref64| = {err:.3g} > 2 * {base:.3g} + {ATOL[dtype]:g}"
+    ref = ref64_val.detach().double().abs()
+    ref = ref[torch.isfinite(ref)]
+    atol = ATOL[dtype] * max(1.0, float(ref.max()) if ref.numel() else 1.0)
+    bound = 2 * base + atol
+    assert err <= bound, f"{what}: |impl - ref64| = {err:.3g} > 2 * {base:.3g} + {atol:g}"
+
+
+try:  # CI runs the property tests on a fixed sequence of examples (reproducible runs)
+    from hypothesis import settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True)
+    if os.environ.get("CI"):
+        _hyp_settings.load_profile("ci")
+except ImportError:
+    pass
 
 
 @pytest.fixture(autouse=True)
