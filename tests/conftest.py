@@ -78,6 +78,15 @@ except ImportError:
     pass
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: OpenMP threads only add stalls on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

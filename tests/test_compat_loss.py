@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, assert_pass_rule, max_err
+from conftest import DEVICE, assert_pass_rule
 
 import muscle_fast as mf
 from muscle_fast.ops.compat_loss import triton as triton_ops

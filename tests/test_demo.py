@@ -4,7 +4,6 @@ import json
 import math
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -12,13 +11,7 @@ pytest.importorskip("peft")
 from muscle_fast.train.demo import OPS, DemoConfig, _op, add_demo_arguments, demo_main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: OpenMP threads only add stalls on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_demo_task_and_update():

@@ -22,13 +22,7 @@ from muscle_fast.train.model import COMPAT_ADAPTER, TEACHER_ADAPTER
 VOCAB, SEQ = 96, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: OpenMP threads only add stalls on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _base(seed, vocab=VOCAB):
