@@ -4,7 +4,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
 
@@ -121,6 +121,24 @@ def launcher(impl: str) -> Callable:
 
         return compat_loss_native
     raise ValueError(f"impl={impl!r} has no row kernel")
+
+
+def vocab_parallel_kernels(impl: str) -> Tuple[Callable, Callable]:
+    """``(compat_partials_<impl>, compat_grad_rows_<impl>)``: the two kernels of the vocabulary
+    parallel loss (contract: ops/compat_loss/README.md, "Vocabulary parallel")."""
+    if impl == "triton":
+        from .ops.compat_loss.triton import compat_grad_rows_triton, compat_partials_triton
+
+        return compat_partials_triton, compat_grad_rows_triton
+    if impl == "native":
+        from .ops.compat_loss.native import compat_grad_rows_native, compat_partials_native
+
+        return compat_partials_native, compat_grad_rows_native
+    if impl == "torch":
+        from .ops.compat_loss.vocab_parallel import compat_grad_rows_torch, compat_partials_torch
+
+        return compat_partials_torch, compat_grad_rows_torch
+    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
 
 
 def grad_scaler(device: torch.device) -> Callable:
