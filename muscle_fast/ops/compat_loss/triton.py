@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 N_ROW_STATS = 9
+N_PARTIALS = 15  # vocabulary parallel: partial statistics per row
 # A row whose vocabulary fits in one block of at most this many columns is read once and kept in
 # registers; longer rows are streamed in LOOP_BLOCK_V columns and read twice.
 MAX_FUSED_BLOCK_V = 8192
@@ -49,10 +50,14 @@ def _teacher_step(x, z, cols, V, y, best, arg, s, a, s_1, x_y, inv_t, AT_ONE: tl
 
 
 @triton.jit
-def _grad_block(z, t, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t, HAS_CE: tl.constexpr):
-    p_s = tl.exp((z - zs) * inv_t - log_st)
-    p_t = tl.exp((t - ts) * inv_t - log_tt)
-    g = c_t * (p_s - p_t)
+def _grad_block(z, t, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
+                HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
+    if HAS_KL:
+        p_s = tl.exp((z - zs) * inv_t - log_st)
+        p_t = tl.exp((t - ts) * inv_t - log_tt)
+        g = c_t * (p_s - p_t)
+    else:
+        g = tl.zeros_like(z)
     if HAS_CE:
         p_1 = tl.exp(z - zs - log_s1)
         g += c_ce * (p_1 - tl.where(cols == y, 1.0, 0.0))
@@ -197,7 +202,8 @@ def _compat_loss_kernel(
             tt = tl.where(use_old, o, NEG)
             if HAS_NEW:
                 tt = tl.where(use_new, w, tt)
-            g = _grad_block(z, tt, cols0, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t, HAS_CE)
+            g = _grad_block(z, tt, cols0, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
+                            HAS_CE, True)
             g = tl.where(active, g, 0.0)
             tl.store(g_row + cols0, g.to(g_ptr.dtype.element_ty), mask=cols0 < V)
         else:
@@ -210,9 +216,154 @@ def _compat_loss_kernel(
                 if HAS_NEW:
                     tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG).to(tl.float32)
                     tt = tl.where(use_new, tn, tt)
-                g = _grad_block(z, tt, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t, HAS_CE)
+                g = _grad_block(z, tt, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
+                                HAS_CE, True)
                 g = tl.where(active, g, 0.0)
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cm)
+
+
+@triton.jit
+def _compat_partials_kernel(
+    z_ptr, z_sb, z_st,
+    o_ptr, o_sb, o_st,
+    w_ptr, w_sb, w_st,
+    y_ptr, out_ptr,
+    T_LEN, V, inv_t, ignore_index,
+    HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """One token row of one vocabulary slice: the 15 partial statistics (README.md, vocabulary
+    parallel), the statistics pass of ``_compat_loss_kernel`` without the finalisation.
+
+    Reads V * (e_z + e_o [+ e_w]) per valid row once, in blocks of BLOCK_V columns (one block when
+    the row fits: the same streaming steps, one iteration); an ignored row reads nothing and
+    writes 15 zeros. A label outside [0, V) is another rank's: its label columns are 0.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T_LEN
+    tok = row % T_LEN
+    z_row = z_ptr + b * z_sb + tok * z_st
+    o_row = o_ptr + b * o_sb + tok * o_st
+    w_row = w_ptr + b * w_sb + tok * w_st
+    y = tl.load(y_ptr + row)
+    active = y != ignore_index
+    own = (y >= 0) & (y < V)
+    cols0 = tl.arange(0, BLOCK_V)
+    NEG: tl.constexpr = float("-inf")
+
+    ninf = tl.full([], NEG, tl.float32)
+    zero = tl.full([], 0.0, tl.float32)
+    izero = tl.full([], 0, tl.int32)
+    zb, z_arg, s_st, s_s1, z_y = ninf, izero, zero, zero, zero
+    ob, o_arg, s_o, a_o, s_o1, o_y = ninf, izero, zero, zero, zero, zero
+    wb, w_arg, s_w, a_w, s_w1, w_y = ninf, izero, zero, zero, zero, zero
+    v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
+    for start in range(0, v_lim, BLOCK_V):
+        cols = start + cols0
+        cm = cols < V
+        z = tl.load(z_row + cols, mask=cm, other=NEG).to(tl.float32)
+        o = tl.load(o_row + cols, mask=cm, other=NEG).to(tl.float32)
+        zb, z_arg, s_st, s_s1, z_y = _student_step(
+            z, cols, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
+        ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
+            o, z, cols, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
+        if HAS_NEW:
+            w = tl.load(w_row + cols, mask=cm, other=NEG).to(tl.float32)
+            wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
+                w, z, cols, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
+
+    # a label that is not this slice's may have matched a masked column past V: drop it
+    z_y = tl.where(own, z_y, 0.0)
+    out = out_ptr + row * 15
+    tl.store(out + 0, tl.where(active, zb, 0.0))
+    tl.store(out + 1, tl.where(active, z_arg.to(tl.float32), 0.0))
+    tl.store(out + 2, tl.where(active, s_st, 0.0))
+    tl.store(out + 3, tl.where(active, s_s1, 0.0))
+    tl.store(out + 4, tl.where(active, z_y, 0.0))
+    tl.store(out + 5, tl.where(active, ob, 0.0))
+    tl.store(out + 6, tl.where(active, o_arg.to(tl.float32), 0.0))
+    tl.store(out + 7, tl.where(active, s_o, 0.0))
+    # the row kernel scales A by k at the end; the partials carry it scaled
+    tl.store(out + 8, tl.where(active, a_o * inv_t, 0.0))
+    if OLD_AT_ONE:
+        tl.store(out + 9, tl.where(active, s_o1, 0.0))
+        tl.store(out + 10, tl.where(active & own, o_y, 0.0))
+    else:
+        tl.store(out + 9, 0.0)
+        tl.store(out + 10, 0.0)
+    if HAS_NEW:
+        tl.store(out + 11, tl.where(active, wb, 0.0))
+        tl.store(out + 12, tl.where(active, w_arg.to(tl.float32), 0.0))
+        tl.store(out + 13, tl.where(active, s_w, 0.0))
+        tl.store(out + 14, tl.where(active, a_w * inv_t, 0.0))
+    else:
+        tl.store(out + 11, 0.0)
+        tl.store(out + 12, 0.0)
+        tl.store(out + 13, 0.0)
+        tl.store(out + 14, 0.0)
+
+
+@triton.jit
+def _compat_grad_rows_kernel(
+    z_ptr, z_sb, z_st,
+    o_ptr, o_sb, o_st,
+    w_ptr, w_sb, w_st,
+    g_ptr, g_sb, g_st,
+    y_ptr, c_ptr,
+    T_LEN, V, inv_t,
+    HAS_NEW: tl.constexpr, HAS_KL: tl.constexpr, HAS_CE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One token row of one vocabulary slice: its gradient from the 8 row constants.
+
+    consts: zref, S_t, S_1, tref, S_tt, c_kl, c_ce, sel (-1 ignored, 0 no teacher, 1 old, 2 new).
+    Reads V * (e_z [+ e_t]) and writes V * e_g per valid row, block by block (each block read
+    before it is written, so ``g`` may be the student); an ignored row reads nothing and writes
+    V * e_g zeros.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T_LEN
+    tok = row % T_LEN
+    z_row = z_ptr + b * z_sb + tok * z_st
+    o_row = o_ptr + b * o_sb + tok * o_st
+    w_row = w_ptr + b * w_sb + tok * w_st
+    g_row = g_ptr + b * g_sb + tok * g_st
+    y = tl.load(y_ptr + row)
+    c = c_ptr + row * 8
+    zs = tl.load(c + 0)
+    log_st = tl.log(tl.load(c + 1))
+    log_s1 = tl.log(tl.load(c + 2))
+    c_kl = tl.load(c + 5)
+    c_ce = tl.load(c + 6)
+    sel = tl.load(c + 7)
+    active = sel != -1.0
+    use_old = sel == 1.0
+    use_new = sel == 2.0
+    has_t = use_old
+    if HAS_NEW:
+        has_t = use_old | use_new
+    # without a teacher term the teacher reads as -inf and p_t = exp(-inf - 0) = 0 exactly,
+    # whatever the caller left in tref and S_tt
+    ts = tl.where(has_t, tl.load(c + 3), 0.0)
+    log_tt = tl.where(has_t, tl.log(tl.load(c + 4)), 0.0)
+    v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
+    o_lim = tl.where(active & use_old, V, 0)
+    w_lim = tl.where(active & use_new, V, 0)
+    cols0 = tl.arange(0, BLOCK_V)
+    NEG: tl.constexpr = float("-inf")
+    for start in range(0, V, BLOCK_V):
+        cols = start + cols0
+        z = tl.load(z_row + cols, mask=cols < v_lim, other=NEG).to(tl.float32)
+        tt = tl.full([BLOCK_V], NEG, tl.float32)
+        if HAS_KL:
+            # only the selected teacher's row is read
+            tt = tl.load(o_row + cols, mask=cols < o_lim, other=NEG).to(tl.float32)
+            if HAS_NEW:
+                tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG).to(tl.float32)
+                tt = tl.where(use_new, tn, tt)
+        g = _grad_block(z, tt, cols, y, zs, log_st, log_s1, ts, log_tt, c_kl, c_ce, inv_t,
+                        HAS_CE, HAS_KL)
+        g = tl.where(active, g, 0.0)
+        tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
@@ -287,6 +438,78 @@ def compat_loss_triton(
         SINGLE_BLOCK=single, BLOCK_V=block, num_warps=_warps(block),
     )
     return out
+
+
+def compat_partials_triton(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logits: torch.Tensor,
+    new_logits: Optional[torch.Tensor],
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    old_at_one: bool,
+) -> torch.Tensor:
+    """Launch ``_compat_partials_kernel``: float32 [B*T, 15] partial statistics of this rank's
+    vocabulary slice (labels are local ids; README.md, vocabulary parallel).
+
+    Bytes moved per valid row: ``V * (e_z + e_o [+ e_w])`` read once, 60 bytes written.
+    """
+    B, T, V = logits.shape
+    n = B * T
+    out = torch.empty((n, N_PARTIALS), dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return out
+    _, block = _blocks(V)
+    w = new_logits if new_logits is not None else old_logits
+    _compat_partials_kernel[(n,)](
+        logits, logits.stride(0), logits.stride(1),
+        old_logits, old_logits.stride(0), old_logits.stride(1),
+        w, w.stride(0), w.stride(1),
+        labels, out,
+        T, V, float(inv_temperature), int(ignore_index),
+        HAS_NEW=new_logits is not None, OLD_AT_ONE=bool(old_at_one),
+        BLOCK_V=block, num_warps=_warps(block),
+    )
+    return out
+
+
+def compat_grad_rows_triton(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logits: torch.Tensor,
+    new_logits: Optional[torch.Tensor],
+    grad: torch.Tensor,
+    consts: torch.Tensor,
+    *,
+    inv_temperature: float,
+    has_kl: bool,
+    has_ce: bool,
+) -> None:
+    """Launch ``_compat_grad_rows_kernel``: ``grad`` (may be ``logits``) gets this rank's slice of
+    d loss_i / d logits from the float32 [B*T, 8] row constants (README.md, vocabulary parallel).
+
+    Bytes moved per valid row: ``V * (e_z + e_t + e_g)`` (the one selected teacher only, none
+    without a KL term or a teacher), plus 32 bytes of constants; an ignored row writes zeros only.
+    """
+    B, T, V = logits.shape
+    n = B * T
+    if n == 0:
+        return
+    if consts.dtype != torch.float32 or not consts.is_contiguous():
+        raise ValueError("consts must be a contiguous float32 [B*T, 8] tensor")
+    _, block = _blocks(V)
+    w = new_logits if new_logits is not None else old_logits
+    _compat_grad_rows_kernel[(n,)](
+        logits, logits.stride(0), logits.stride(1),
+        old_logits, old_logits.stride(0), old_logits.stride(1),
+        w, w.stride(0), w.stride(1),
+        grad, grad.stride(0), grad.stride(1),
+        labels, consts,
+        T, V, float(inv_temperature),
+        HAS_NEW=new_logits is not None, HAS_KL=bool(has_kl), HAS_CE=bool(has_ce),
+        BLOCK_V=block, num_warps=_warps(block),
+    )
 
 
 def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
