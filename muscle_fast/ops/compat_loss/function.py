@@ -76,10 +76,21 @@ class CompatLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, old_logits, new_logits, mask, scale, impl, mask_mode,
-                inv_temperature, kl_weight, ce_weight, ignore_index, reduction, inplace):
+                inv_temperature, kl_weight, ce_weight, ignore_index, reduction, inplace,
+                launch=None):
         with_grad = ctx.needs_input_grad[0]
+        if launch is not None:
+            # a launcher object with the row contract (vocab_parallel.VocabParallel): its
+            # collectives cannot go through a torch.library op
+            grad = ((logits if inplace else torch.empty(logits.shape, dtype=logits.dtype,
+                                                       device=logits.device))
+                    if with_grad else None)
+            rows = launch(logits, labels, old_logits, new_logits, mask, grad, scale,
+                          mask_mode=mask_mode, inv_temperature=inv_temperature,
+                          kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index,
+                          old_label_logprob=False)
         # Under torch.compile the in-place variant would be functionalised into a copy anyway.
-        if with_grad and inplace and not torch.compiler.is_compiling():
+        elif with_grad and inplace and not torch.compiler.is_compiling():
             rows = torch.ops.muscle_fast.compat_loss_rows_inplace(
                 logits, labels, old_logits, new_logits, mask, scale, impl, mask_mode,
                 inv_temperature, kl_weight, ce_weight, ignore_index)
@@ -105,7 +116,7 @@ class CompatLossFunction(torch.autograd.Function):
         # already scaled in place: scale_grad_ bumps its version, so autograd refuses it.
         (grad,) = ctx.saved_tensors
         torch.ops.muscle_fast.scale_grad_(grad, grad_loss)
-        return (grad,) + (None,) * 13
+        return (grad,) + (None,) * 14
 
 
 def stats_from_rows(rows: Tensor, n_valid: Tensor, has_new: bool) -> CompatStats:

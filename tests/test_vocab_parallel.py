@@ -1,0 +1,253 @@
+"""Vocabulary parallel loss: 2 and 3 CPU processes over gloo equal one process on the whole vocabulary.
+
+Each test launches this file as a script once per rank (``python tests/test_vocab_parallel.py
+WORLD OUT_DIR``) with the environment torchrun sets and a ``file://`` rendezvous in a tmp dir.
+Every rank builds the same inputs from one seed, keeps its own (uneven) slice of the vocabulary
+columns, runs every case of ``CASES`` and saves its loss, stats and gradient slice. The test then
+checks, per case:
+
+- loss and stats are the same on every rank;
+- loss, stats and the gradient (slices concatenated in rank order) pass the rule of the core tests
+  against the single-process float64 reference: ``|vp - ref64| <= 2 |torch_same_dtype - ref64| +
+  atol[dtype]``, where torch_same_dtype is the single-process ``impl="torch"`` run;
+- float64 inputs with ``impl="torch"``: within 1e-12 of the reference (the combination is exact
+  up to rounding, so any error in it would show far above that).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+TIMEOUT_S = 300
+SPLITS = {2: (25, 12), 3: (10, 20, 7)}  # uneven slices of V = 37
+V = 37
+B, T = 3, 5
+MASKS = ("muscle", "old_correct", "token_likelihood", "sequence_likelihood", "all_old", "tensor")
+
+
+def _impls():
+    from muscle_fast import available_impls
+
+    return [i for i in ("torch", "native", "triton") if available_impls("cpu")[i].available]
+
+
+def _cases():
+    """Every case: a dict of options (identical in the parent and the workers)."""
+    out = []
+    for impl in _impls():
+        dtypes = (torch.float32, torch.bfloat16) if impl != "triton" else (torch.float32,)
+        for dtype in dtypes:
+            for mask in MASKS:
+                out.append(dict(impl=impl, dtype=dtype, mask=mask, ce_weight=0.5))
+            out.append(dict(impl=impl, dtype=dtype, mask="muscle", ce_weight=0.0, reduction="sum",
+                            return_new=True))
+        out += [
+            dict(impl=impl, dtype=torch.float32, mask="old_correct", new=False, ce_weight=0.0),
+            dict(impl=impl, dtype=torch.float32, mask="tensor", new=False, kl_weight=0.0,
+                 ce_weight=1.0),
+            dict(impl=impl, dtype=torch.float32, mask="muscle", ignore_index=7, temperature=1.0),
+            dict(impl=impl, dtype=torch.float32, mask="sequence_likelihood", sequence_ids=True),
+            dict(impl=impl, dtype=torch.float32, mask="muscle", reduction="none", ce_weight=0.3),
+            dict(impl=impl, dtype=torch.float32, mask="token_likelihood", num_items=40,
+                 inplace_backward=True),
+            dict(impl=impl, dtype=torch.float32, mask="muscle", all_ignored=True),
+            dict(impl=impl, dtype=torch.float32, mask="muscle", vocab_start=True, validate=False),
+        ]
+    out += [dict(impl="torch", dtype=torch.float64, mask=m, ce_weight=0.25) for m in MASKS]
+    return out
+
+
+def _inputs(case):
+    """Global inputs [B, T, V]: ties of the maximum across slices, -inf columns, ignored tokens."""
+    g = torch.Generator().manual_seed(len(str(sorted(case.items(), key=str))))
+    z = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3
+    o = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3
+    w = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 3
+    top = max(float(z.max()), float(o.max())) + 1
+    z[0, 0, 3] = z[0, 0, 30] = top  # the student's argmax ties across two slices: 3 wins
+    o[0, 1, 24] = o[0, 1, 25] = top  # the old model's tie at the first split boundary
+    # masked vocabulary entries (-inf in every model): rank 0's whole slice in the 3-way split
+    z[1, 2, :12] = o[1, 2, :12] = w[1, 2, :12] = float("-inf")
+    o[2, 3, 10:30] = float("-inf")  # the old model puts no mass there
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 0], labels[0, 1] = 3, 24
+    ignore = case.get("ignore_index", -100)
+    labels[1, 0] = ignore
+    labels[2, 4] = ignore
+    if case.get("all_ignored"):
+        labels[:] = ignore
+    dtype = case["dtype"]
+    z, o, w = (x.to(dtype) for x in (z, o, w))
+    mask = (torch.rand(B, T, generator=g) > 0.5) if case["mask"] == "tensor" else None
+    seq = torch.tensor([[0, 0, 1, 1, 1]] * B) if case.get("sequence_ids") else None
+    return z, o, (w if case.get("new", True) else None), labels, mask, seq
+
+
+def _kwargs(case, mask, seq):
+    kw = dict(mask=mask if case["mask"] == "tensor" else case["mask"],
+              temperature=case.get("temperature", 2.0), kl_weight=case.get("kl_weight", 1.0),
+              ce_weight=case.get("ce_weight", 0.0), ignore_index=case.get("ignore_index", -100),
+              reduction=case.get("reduction", "mean"), sequence_ids=seq, return_stats=True)
+    if "num_items" in case:
+        kw["num_items"] = torch.tensor(case["num_items"])
+    return kw
+
+
+def _upstream(case):
+    if case.get("reduction") == "none":
+        return torch.linspace(-1, 2, B * T).reshape(B, T)
+    return torch.tensor(0.75)
+
+
+def _run(z, labels, o, w, kw, upstream, **extra):
+    """loss, stats dict, gradient."""
+    from muscle_fast import fused_compat_loss
+
+    z = z.clone().requires_grad_()
+    loss, stats = fused_compat_loss(z, labels, o, w, **kw, **extra)
+    (loss * upstream).sum().backward()
+    stats = {k: v.detach().double() for k, v in vars(stats).items() if v is not None}
+    return loss.detach().double(), stats, z.grad.double()
+
+
+# ------------------------------------------------------------------ worker (one rank)
+
+
+def _worker(world: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    rank = int(os.environ["RANK"])
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank,
+                            world_size=world)
+    sizes = SPLITS[world]
+    start = sum(sizes[:rank])
+    cols = slice(start, start + sizes[rank])
+    results = []
+    for case in _cases():
+        z, o, w, labels, mask, seq = _inputs(case)
+        kw = _kwargs(case, mask, seq)
+        extra = dict(process_group=dist.group.WORLD, impl=case["impl"],
+                     inplace_backward=case.get("inplace_backward", False),
+                     validate=case.get("validate", True))
+        if case.get("vocab_start"):
+            extra["vocab_start"] = start
+        local = [None if x is None else x[..., cols].contiguous() for x in (z, o, w)]
+        results.append(_run(local[0], labels, local[1], local[2], kw, _upstream(case), **extra))
+    errors = {}
+    z, o, w, labels, _, _ = _inputs(dict(dtype=torch.float32, mask="muscle"))
+    local = [x[..., cols] for x in (z, o, w)]
+    from muscle_fast import fused_compat_loss
+
+    def error_of(**kw):
+        try:
+            fused_compat_loss(*local[:1], kw.pop("labels", labels), *local[1:], **kw)
+        except (ValueError, TypeError) as e:
+            return f"{type(e).__name__}: {e}"
+        return None
+
+    group = dist.group.WORLD
+    errors["overlap"] = error_of(process_group=group, vocab_start=0)
+    errors["some_ranks"] = error_of(process_group=group, vocab_start=None if rank else 0)
+    bad = labels.clone()
+    bad[0, 0] = V
+    errors["label"] = error_of(process_group=group, labels=bad)
+    errors["no_group"] = error_of(vocab_start=start)
+    with torch.no_grad():
+        nan_loss = fused_compat_loss(local[0], bad, *local[1:], process_group=group,
+                                     vocab_start=start, validate=False, reduction="none")
+    errors["nan_row"] = nan_loss.isnan().reshape(-1).tolist()
+    torch.save({"results": results, "errors": errors}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ the tests
+
+
+def _launch(world: int, tmp_path: Path):
+    env_base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env_base["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env_base.get("PYTHONPATH", "")])
+    env_base["OMP_NUM_THREADS"] = "1"
+    procs = []
+    for rank in range(world):
+        env = dict(env_base, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), str(world), str(tmp_path)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=TIMEOUT_S)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"vocabulary parallel workers timed out after {TIMEOUT_S} s")
+    for rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def _check_case(case, per_rank, what):
+    from conftest import assert_pass_rule
+
+    z, o, w, labels, mask, seq = _inputs(case)
+    kw = _kwargs(case, mask, seq)
+    up = _upstream(case)
+    ref = _run(z.double(), labels, o.double(), None if w is None else w.double(), kw, up,
+               impl="torch")
+    same = _run(z, labels, o, w, kw, up, impl="torch")
+    loss0, stats0, _ = per_rank[0]
+    for r, (loss, stats, _) in enumerate(per_rank[1:], 1):
+        assert torch.equal(loss, loss0) or torch.allclose(loss, loss0, rtol=0, atol=0, equal_nan=True), \
+            f"{what}: rank {r} loss differs from rank 0"
+        assert stats.keys() == stats0.keys()
+        for k in stats:
+            assert torch.equal(stats[k], stats0[k]), f"{what}: rank {r} stat {k} differs"
+    grad = torch.cat([g for _, _, g in per_rank], -1)
+    got = (loss0, stats0, grad)
+    dtype = case["dtype"]
+    if dtype == torch.float64:
+        from conftest import max_err
+
+        for name, a, b in (("loss", got[0], ref[0]), ("grad", got[2], ref[2])):
+            assert max_err(a, b) <= 1e-12, f"{what}: {name} off by {max_err(a, b):.3g}"
+        for k in ref[1]:
+            assert max_err(got[1][k], ref[1][k]) <= 1e-12, f"{what}: stat {k}"
+        return
+    assert_pass_rule(got[0], same[0], ref[0], dtype, f"{what} loss")
+    assert set(got[1]) == set(ref[1]), f"{what}: stats fields"
+    for k in ref[1]:
+        assert_pass_rule(got[1][k], same[1][k], ref[1][k], dtype, f"{what} stat {k}")
+    assert_pass_rule(got[2], same[2], ref[2], dtype, f"{what} grad")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_equals_one_process(world, tmp_path):
+    ranks = _launch(world, tmp_path)
+    cases = _cases()
+    failures = []
+    for i, case in enumerate(cases):
+        what = f"world {world} case {i} {case}"
+        try:
+            _check_case(case, [r["results"][i] for r in ranks], what)
+        except AssertionError as e:
+            failures.append(str(e).split("\n")[0])
+    assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
+
+    errors = [r["errors"] for r in ranks]
+    assert all("tile" in e["overlap"] for e in errors), errors[0]["overlap"]
+    assert all("every rank" in e["some_ranks"] for e in errors), errors[0]["some_ranks"]
+    assert all("labels must lie in [0, 37)" in e["label"] for e in errors), errors[0]["label"]
+    assert all("without process_group" in e["no_group"] for e in errors), errors[0]["no_group"]
+    # validate=False: the label no rank owns makes its token NaN, and only that token
+    for e in errors:
+        assert e["nan_row"][0] and not any(e["nan_row"][1:]), e["nan_row"]
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), sys.argv[2])
