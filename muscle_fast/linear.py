@@ -16,9 +16,12 @@ from .loss import (
     check_values,
     fused_compat_loss,
     sequence_mask_from_rows,
+    vocab_parallel_launcher,
 )
 from .ops.compat_loss.function import MASK_MODES, MASK_TENSOR, stats_from_rows
-from .ops.linear_compat_loss.function import LinearCompatLossFunction, default_chunk_size
+from .ops.linear_compat_loss.function import (
+    LinearCompatLossFunction, default_chunk_size, linear_pass,
+)
 
 
 class _Teacher(NamedTuple):
@@ -109,6 +112,8 @@ def fused_linear_compat_loss(
     reduction: str = "mean",
     num_items: Union[None, int, float, Tensor] = None,
     sequence_ids: Optional[Tensor] = None,
+    process_group=None,
+    vocab_start: Optional[int] = None,
     impl: str = "auto",
     return_stats: bool = False,
     validate: bool = True,
@@ -146,6 +151,15 @@ def fused_linear_compat_loss(
             :func:`fused_compat_loss`).
         chunk_size: tokens per chunk. None: as many as fit a budget of fp32 chunk logits
             (``CHUNK_BYTES``: 128 MiB on CPU, 1 GiB on CUDA), at least 32 tokens.
+        process_group, vocab_start: a column-sharded (vocabulary-parallel) lm_head: ``weight``,
+            ``bias`` and each teacher's weight, bias or logits hold this rank's vocabulary rows
+            ``[vocab_start, vocab_start + V_local)``; ``hidden`` and ``labels`` (global ids) are
+            the same on every rank. The loss and stats are those of the whole vocabulary on every
+            rank; ``weight`` and ``bias`` get their slice's gradient and ``hidden`` the full
+            gradient (its per-rank shares are summed with one all-reduce of N x H float32: do not
+            all-reduce it again, e.g. in a Megatron "copy to tensor parallel region").
+            Collectives per chunk as in :func:`fused_compat_loss`. Runs the chunked path for
+            every ``impl`` (``"torch"`` included), in float32.
         mask, temperature, kl_weight, ce_weight, ignore_index, reduction, num_items,
         sequence_ids, impl, return_stats, validate: as in :func:`fused_compat_loss`.
             ``reduction="none"`` with a trainable ``weight`` or ``bias`` runs the chunked pass
@@ -185,10 +199,14 @@ def fused_linear_compat_loss(
     teacher_tensors = [t for tt in (old, new) if tt is not None for t in tt if t is not None]
     if impl != "torch" and any(t.dtype == torch.float64 for t in teacher_tensors):
         raise TypeError(f"impl={impl!r} takes float32/bfloat16/float16 teachers, got float64")
+    vp = None
+    if process_group is not None or vocab_start is not None:
+        vp, vocab = vocab_parallel_launcher(impl, process_group, vocab_start, vocab, validate,
+                                            device)
     if validate:
         check_values(opts, vocab)
 
-    if impl == "torch":
+    if impl == "torch" and vp is None:
         with torch.no_grad():
             old_full = old.full_logits(lead)
             new_full = None if new is None else new.full_logits(lead)
@@ -205,17 +223,19 @@ def fused_linear_compat_loss(
     old_args = tuple(old)
     new_args = none4 if new is None else tuple(new)
     if mask == "sequence_likelihood":
-        rows, *_ = torch.ops.muscle_fast.linear_compat_loss_rows(
-            h2.detach(), weight.detach(), None if bias is None else bias.detach(), opts.labels,
-            *old_args, *none4, None, opts.scale, None, impl, MASK_MODES["all_old"],
-            opts.inv_temperature, 0.0, 0.0, opts.ignore_index, True, chunk, False, False, False)
+        rows, *_ = linear_pass(
+            vp, (h2.detach(), weight.detach(), None if bias is None else bias.detach(),
+                 opts.labels, *old_args, *none4, None, opts.scale), None,
+            (impl, MASK_MODES["all_old"], opts.inv_temperature, 0.0, 0.0, opts.ignore_index,
+             True, chunk), (False, False, False))
         mask_mode, m = MASK_TENSOR, sequence_mask_from_rows(rows, opts)
     else:
         mask_mode, m = opts.mask_mode, opts.mask
 
     loss, rows = LinearCompatLossFunction.apply(
         h2, weight, bias, opts.labels, *old_args, *new_args, m, opts.scale, impl, mask_mode,
-        opts.inv_temperature, opts.kl_weight, opts.ce_weight, opts.ignore_index, chunk, reduction)
+        opts.inv_temperature, opts.kl_weight, opts.ce_weight, opts.ignore_index, chunk, reduction,
+        vp)
     if reduction == "none":
         loss = loss.reshape(lead)
     if not return_stats:

@@ -116,6 +116,58 @@ def _run(z, labels, o, w, kw, upstream, **extra):
     return loss.detach().double(), stats, z.grad.double()
 
 
+# ---- fused_linear_compat_loss with a column-sharded lm_head
+
+H = 8
+
+
+def _linear_cases():
+    out = []
+    for impl in _impls():
+        for dtype in ((torch.float32, torch.bfloat16) if impl != "triton" else (torch.float32,)):
+            out.append(dict(impl=impl, dtype=dtype, mask="muscle", ce_weight=0.5))
+        out += [
+            dict(impl=impl, dtype=torch.float32, mask="sequence_likelihood"),
+            dict(impl=impl, dtype=torch.float32, mask="old_correct", new=False, reduction="none",
+                 ce_weight=0.2),
+            dict(impl=impl, dtype=torch.float32, mask="token_likelihood", frozen=True,
+                 chunk_size=4),
+        ]
+    return out
+
+
+def _linear_inputs(case):
+    g = torch.Generator().manual_seed(len(str(sorted(case.items(), key=str))))
+    dtype = case["dtype"]
+    h = torch.randn(B, T, H, generator=g).to(dtype)
+    weight = torch.randn(V, H, generator=g).to(dtype)
+    bias = torch.randn(V, generator=g).to(dtype)
+    old_h = torch.randn(B, T, H, generator=g).to(dtype)
+    old_w = torch.randn(V, H, generator=g).to(dtype)
+    new_logits = (torch.randn(B, T, V, generator=g) * 2).to(dtype) if case.get("new", True) else None
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[1, 0] = labels[2, 4] = -100
+    return h, weight, bias, old_h, old_w, new_logits, labels
+
+
+def _run_linear(case, h, weight, bias, old_h, old_w, new_logits, labels, **extra):
+    """loss, stats, grads of hidden, weight (None when frozen), bias."""
+    from muscle_fast import fused_linear_compat_loss
+
+    h = h.clone().requires_grad_()
+    weight = weight.clone().requires_grad_(not case.get("frozen"))
+    bias = bias.clone().requires_grad_()
+    loss, stats = fused_linear_compat_loss(
+        h, weight, labels, bias=bias, old_hidden=old_h, old_weight=old_w, new_logits=new_logits,
+        mask=case["mask"], ce_weight=case.get("ce_weight", 0.0),
+        reduction=case.get("reduction", "mean"), chunk_size=case.get("chunk_size"),
+        return_stats=True, **extra)
+    (loss * _upstream(case)).sum().backward()
+    stats = {k: v.detach().double() for k, v in vars(stats).items() if v is not None}
+    grads = [None if x.grad is None else x.grad.double() for x in (h, weight, bias)]
+    return loss.detach().double(), stats, grads
+
+
 # ------------------------------------------------------------------ worker (one rank)
 
 
@@ -139,6 +191,14 @@ def _worker(world: int, out_dir: str) -> None:
             extra["vocab_start"] = start
         local = [None if x is None else x[..., cols].contiguous() for x in (z, o, w)]
         results.append(_run(local[0], labels, local[1], local[2], kw, _upstream(case), **extra))
+    linear = []
+    for case in _linear_cases():
+        h, weight, bias, old_h, old_w, new_logits, labels = _linear_inputs(case)
+        rows = slice(start, start + sizes[rank])
+        linear.append(_run_linear(
+            case, h, weight[rows], bias[rows], old_h, old_w[rows],
+            None if new_logits is None else new_logits[..., rows], labels,
+            process_group=dist.group.WORLD, impl=case["impl"]))
     errors = {}
     z, o, w, labels, _, _ = _inputs(dict(dtype=torch.float32, mask="muscle"))
     local = [x[..., cols] for x in (z, o, w)]
@@ -162,7 +222,8 @@ def _worker(world: int, out_dir: str) -> None:
         nan_loss = fused_compat_loss(local[0], bad, *local[1:], process_group=group,
                                      vocab_start=start, validate=False, reduction="none")
     errors["nan_row"] = nan_loss.isnan().reshape(-1).tolist()
-    torch.save({"results": results, "errors": errors}, f"{out_dir}/rank{rank}.pt")
+    torch.save({"results": results, "linear": linear, "errors": errors},
+               f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
@@ -226,18 +287,49 @@ def _check_case(case, per_rank, what):
     assert_pass_rule(got[2], same[2], ref[2], dtype, f"{what} grad")
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_equals_one_process(world, tmp_path):
-    ranks = _launch(world, tmp_path)
-    cases = _cases()
+def _check_linear_case(case, per_rank, what):
+    from conftest import assert_pass_rule
+
+    inputs = _linear_inputs(case)
+    ref = _run_linear(case, *(x if x is None or not x.is_floating_point() else x.double()
+                              for x in inputs), impl="torch")
+    same = _run_linear(case, *inputs, impl="torch")
+    loss0, stats0, (gh0, _, _) = per_rank[0]
+    for r, (loss, stats, (gh, _, _)) in enumerate(per_rank[1:], 1):
+        assert torch.equal(loss, loss0), f"{what}: rank {r} loss differs from rank 0"
+        assert all(torch.equal(stats[k], stats0[k]) for k in stats0), f"{what}: rank {r} stats"
+        assert torch.equal(gh, gh0), f"{what}: rank {r} hidden gradient differs from rank 0"
+    dtype = case["dtype"]
+    assert_pass_rule(loss0, same[0], ref[0], dtype, f"{what} loss")
+    for k in ref[1]:
+        assert_pass_rule(stats0[k], same[1][k], ref[1][k], dtype, f"{what} stat {k}")
+    assert_pass_rule(gh0, same[2][0], ref[2][0], dtype, f"{what} grad hidden")
+    for i, name in ((1, "weight"), (2, "bias")):
+        if ref[2][i] is None:
+            assert all(g[i] is None for _, _, g in per_rank), f"{what}: frozen {name} got a grad"
+            continue
+        got = torch.cat([g[i] for _, _, g in per_rank], 0)
+        assert_pass_rule(got, same[2][i], ref[2][i], dtype, f"{what} grad {name}")
+
+
+def _check_all(cases, per_case, check, label):
     failures = []
     for i, case in enumerate(cases):
-        what = f"world {world} case {i} {case}"
+        what = f"{label} case {i} {case}"
         try:
-            _check_case(case, [r["results"][i] for r in ranks], what)
+            check(case, per_case(i), what)
         except AssertionError as e:
             failures.append(str(e).split("\n")[0])
     assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_equals_one_process(world, tmp_path):
+    ranks = _launch(world, tmp_path)
+    _check_all(_cases(), lambda i: [r["results"][i] for r in ranks], _check_case,
+               f"world {world} fused_compat_loss")
+    _check_all(_linear_cases(), lambda i: [r["linear"][i] for r in ranks], _check_linear_case,
+               f"world {world} fused_linear_compat_loss")
 
     errors = [r["errors"] for r in ranks]
     assert all("tile" in e["overlap"] for e in errors), errors[0]["overlap"]

@@ -94,6 +94,25 @@ def linear_compat_loss_rows(
     or logits [N, V]; labels, mask, row_grad [N]. The gradient is that of
     ``sum_i row_grad_i * scale * loss_i`` (``row_grad`` None: all ones).
     """
+    return linear_rows(
+        hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, new_hidden,
+        new_weight, new_bias, new_logits, mask, scale, row_grad, _dispatch.launcher(impl),
+        mask_mode, inv_temperature, kl_weight, ce_weight, ignore_index, old_label_logprob,
+        chunk_size, need_hidden, need_weight, need_bias)
+
+
+def linear_rows(
+    hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, new_hidden,
+    new_weight, new_bias, new_logits, mask, scale, row_grad, launch, mask_mode, inv_temperature,
+    kl_weight, ce_weight, ignore_index, old_label_logprob, chunk_size, need_hidden, need_weight,
+    need_bias, group=None,
+):
+    """The chunked pass of ``linear_compat_loss_rows`` with any row-kernel launcher ``launch``.
+
+    With a vocabulary split (``launch`` a ``VocabParallel``, weights and teacher logits this rank's
+    vocabulary slice), the hidden gradient is this rank's share: it is summed over ``group``
+    (one all-reduce of [N, H] float32) so that every rank returns the full gradient.
+    """
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     with_grad = need_hidden or need_weight or need_bias
@@ -101,7 +120,10 @@ def linear_compat_loss_rows(
     student = _Linear(weight, bias)
     old = None if old_weight is None else _Linear(old_weight, old_bias)
     new = None if new_weight is None else _Linear(new_weight, new_bias)
-    gh = torch.zeros_like(hidden) if need_hidden else hidden.new_empty((0,))
+    # split vocabulary: the ranks' shares are summed in float32 before the one rounding
+    gh_dtype = torch.float32 if group is not None else hidden.dtype
+    gh = (torch.zeros(hidden.shape, dtype=gh_dtype, device=dev) if need_hidden
+          else hidden.new_empty((0,)))
     gw = (torch.zeros(weight.shape, dtype=torch.float32, device=dev) if need_weight
           else weight.new_empty((0,)))
     gb = (torch.zeros(vocab, dtype=torch.float32, device=dev) if need_bias
@@ -114,7 +136,6 @@ def linear_compat_loss_rows(
         if not bool(valid.all()):
             index = valid.nonzero().squeeze(1)
     n_rows = n if index is None else index.numel()
-    launch = _dispatch.launcher(impl)
 
     for start in range(0, n_rows, chunk_size):
         if index is None:
@@ -161,6 +182,10 @@ def linear_compat_loss_rows(
         if need_bias:
             gb.add_(g.sum(0))
         del g, z
+    if need_hidden and group is not None:
+        if torch.distributed.get_world_size(group) > 1:
+            torch.distributed.all_reduce(gh, group=group)
+        gh = gh.to(hidden.dtype)
     if need_weight and weight.dtype != torch.float32:
         gw = gw.to(weight.dtype)
     if need_bias and bias is not None and bias.dtype != torch.float32:
@@ -190,6 +215,15 @@ def _scaled(g: Tensor, grad_output: Tensor) -> Tensor:
     return g.mul_(grad_output.to(g.dtype))
 
 
+def linear_pass(vocab_parallel, args, row_grad, opts, needs):
+    """The custom op, or with a vocabulary split (``vocab_parallel``: a ``VocabParallel``) the
+    same pass called directly (a process group cannot cross a ``torch.library`` op)."""
+    if vocab_parallel is None:
+        return torch.ops.muscle_fast.linear_compat_loss_rows(*args, row_grad, *opts, *needs)
+    return linear_rows(*args, row_grad, vocab_parallel, *opts[1:], *needs,
+                       group=vocab_parallel.group)
+
+
 class LinearCompatLossFunction(torch.autograd.Function):
     """Reduced loss and row stats from one chunked pass.
 
@@ -202,7 +236,8 @@ class LinearCompatLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits,
                 new_hidden, new_weight, new_bias, new_logits, mask, scale, impl, mask_mode,
-                inv_temperature, kl_weight, ce_weight, ignore_index, chunk_size, reduction):
+                inv_temperature, kl_weight, ce_weight, ignore_index, chunk_size, reduction,
+                vocab_parallel=None):
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.needs = needs
         ctx.reduction = reduction
@@ -212,8 +247,9 @@ class LinearCompatLossFunction(torch.autograd.Function):
         opts = (impl, mask_mode, inv_temperature, kl_weight, ce_weight, ignore_index, False,
                 chunk_size)
         ctx.opts = opts
-        rows, gh, gw, gb = torch.ops.muscle_fast.linear_compat_loss_rows(
-            *args, None, *opts, *(needs if eager_grads else (False, False, False)))
+        ctx.vocab_parallel = vocab_parallel
+        rows, gh, gw, gb = linear_pass(vocab_parallel, args, None, opts,
+                                 needs if eager_grads else (False, False, False))
         if reduction == "none":
             loss = rows[:, 0].clone()
             if any(needs):
@@ -236,10 +272,10 @@ class LinearCompatLossFunction(torch.autograd.Function):
         needs = ctx.needs
         if ctx.reduction == "none":
             args = ctx.saved_tensors
-            _, gh, gw, gb = torch.ops.muscle_fast.linear_compat_loss_rows(
-                *args, grad_loss.reshape(-1), *ctx.opts, *needs)
+            _, gh, gw, gb = linear_pass(ctx.vocab_parallel, args, grad_loss.reshape(-1),
+                                        ctx.opts, needs)
         else:
             gh, gw, gb = (_scaled(g, grad_loss) if need else None
                           for g, need in zip(ctx.saved_tensors, needs))
         grads = tuple(g if need else None for g, need in zip((gh, gw, gb), needs))
-        return grads + (None,) * 19
+        return grads + (None,) * 20
