@@ -235,6 +235,17 @@ def test_teacher_only_masked_column(impl):
 
 
 @pytest.mark.parametrize("impl", FUSED)
+def test_pure_ce_ignores_a_dead_teacher(impl, block_path):
+    """kl_weight=0 leaves the KL term out of the gradient too: a teacher row that is -inf on every
+    column (its softmax is NaN) must not reach a pure cross-entropy gradient as 0 * NaN."""
+    logits, labels, old, new = make_inputs((4,), 37, n_ignored=0)
+    old[0] = float("-inf")
+    loss, grad, _ = check_case(impl, logits, labels, old, new, mask="all_old", kl_weight=0.0,
+                               ce_weight=1.0)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("impl", FUSED)
 def test_confident_rows_bf16(impl, block_path):
     logits, labels, old, new = make_inputs((8,), 50, torch.bfloat16, scale=40.0, n_ignored=0)
     check_case(impl, logits, labels, old, new, ce_weight=0.5, temperature=0.5)

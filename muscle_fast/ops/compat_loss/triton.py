@@ -203,7 +203,7 @@ def _compat_loss_kernel(
             if HAS_NEW:
                 tt = tl.where(use_new, w, tt)
             g = _grad_block(z, tt, cols0, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
-                            HAS_CE, True)
+                            HAS_CE, HAS_KL)
             g = tl.where(active, g, 0.0)
             tl.store(g_row + cols0, g.to(g_ptr.dtype.element_ty), mask=cols0 < V)
         else:
@@ -217,7 +217,7 @@ def _compat_loss_kernel(
                     tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG).to(tl.float32)
                     tt = tl.where(use_new, tn, tt)
                 g = _grad_block(z, tt, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
-                                HAS_CE, True)
+                                HAS_CE, HAS_KL)
                 g = tl.where(active, g, 0.0)
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cm)
 
