@@ -76,6 +76,73 @@ int compat_loss_rows(int64_t B, int64_t T, int64_t V, uintptr_t logits, int logi
   return threads_used;
 }
 
+// Vocabulary parallel partials kernel (README.md); labels are local ids.
+int compat_partials(int64_t B, int64_t T, int64_t V, uintptr_t logits, int logits_dtype,
+                    Strides logits_strides, uintptr_t labels, uintptr_t old_logits, int old_dtype,
+                    Strides old_strides, uintptr_t new_logits, int new_dtype, Strides new_strides,
+                    uintptr_t partials, double inv_temperature, int64_t ignore_index,
+                    bool old_at_one, int num_threads, const std::string& isa) {
+  mf::PartialArgs a;
+  a.B = B;
+  a.T = T;
+  a.V = V;
+  a.z = operand("logits", logits, logits_dtype, logits_strides);
+  a.o = operand("old_logits", old_logits, old_dtype, old_strides);
+  a.w = operand("new_logits", new_logits, new_dtype, new_strides);
+  a.labels = ptr<const int64_t>(labels);
+  a.partials = ptr<float>(partials);
+  a.inv_t = static_cast<float>(inv_temperature);
+  a.ignore_index = ignore_index;
+  a.old_at_one = old_at_one;
+  a.num_threads = num_threads;
+  if (const char* err = mf::validate(a)) fail(err);
+  bool ok;
+  int threads_used = 0;
+  {
+    py::gil_scoped_release release;
+    ok = mf::compat_partials(a, isa.c_str(), &threads_used);
+  }
+  if (!ok) fail("isa '" + isa + "' is not available on this CPU (have: " + mf::available_isas() + ")");
+  return threads_used;
+}
+
+// Vocabulary parallel gradient kernel (README.md): the gradient from 8 float32 row constants.
+int compat_grad_rows(int64_t B, int64_t T, int64_t V, uintptr_t logits, int logits_dtype,
+                     Strides logits_strides, uintptr_t labels, uintptr_t old_logits, int old_dtype,
+                     Strides old_strides, uintptr_t new_logits, int new_dtype, Strides new_strides,
+                     uintptr_t grad, int grad_dtype, Strides grad_strides, uintptr_t consts,
+                     double inv_temperature, bool has_kl, bool has_ce, int num_threads,
+                     const std::string& isa) {
+  mf::GradRowsArgs a;
+  a.B = B;
+  a.T = T;
+  a.V = V;
+  a.z = operand("logits", logits, logits_dtype, logits_strides);
+  a.o = operand("old_logits", old_logits, old_dtype, old_strides);
+  a.w = operand("new_logits", new_logits, new_dtype, new_strides);
+  if (!grad) fail("grad pointer is null");
+  if (grad_dtype != logits_dtype) fail("grad dtype code must equal the logits dtype code");
+  if (grad_strides[2] != 1) fail("grad: stride of the last dim must be 1, got " + std::to_string(grad_strides[2]));
+  a.g = ptr<void>(grad);
+  a.g_s0 = grad_strides[0];
+  a.g_s1 = grad_strides[1];
+  a.labels = ptr<const int64_t>(labels);
+  a.consts = ptr<const float>(consts);
+  a.inv_t = static_cast<float>(inv_temperature);
+  a.has_kl = has_kl;
+  a.has_ce = has_ce;
+  a.num_threads = num_threads;
+  if (const char* err = mf::validate(a)) fail(err);
+  bool ok;
+  int threads_used = 0;
+  {
+    py::gil_scoped_release release;
+    ok = mf::compat_grad_rows(a, isa.c_str(), &threads_used);
+  }
+  if (!ok) fail("isa '" + isa + "' is not available on this CPU (have: " + mf::available_isas() + ")");
+  return threads_used;
+}
+
 void check_test_args(uintptr_t src, uintptr_t dst, int64_t n) {
   if (!src || !dst) fail("null pointer");
   if (n < 0) fail("n must be >= 0");
@@ -96,6 +163,22 @@ PYBIND11_MODULE(_native, m) {
         "Row kernel of compat_loss (see ops/compat_loss/README.md). Pointers are addresses, 0 "
         "for None; strides are in elements; dtype codes 0 float32, 1 bfloat16, 2 float16. "
         "Returns the number of threads that ran.");
+  m.def("compat_partials", &compat_partials, py::arg("B"), py::arg("T"), py::arg("V"),
+        py::arg("logits"), py::arg("logits_dtype"), py::arg("logits_strides"), py::arg("labels"),
+        py::arg("old_logits"), py::arg("old_dtype"), py::arg("old_strides"), py::arg("new_logits"),
+        py::arg("new_dtype"), py::arg("new_strides"), py::arg("partials"),
+        py::arg("inv_temperature"), py::arg("ignore_index"), py::arg("old_at_one"),
+        py::arg("num_threads"), py::arg("isa") = "",
+        "Vocabulary-parallel partials kernel (see ops/compat_loss/README.md): writes float32 "
+        "[B*T, 15] at `partials`. Labels are local ids. Returns the number of threads that ran.");
+  m.def("compat_grad_rows", &compat_grad_rows, py::arg("B"), py::arg("T"), py::arg("V"),
+        py::arg("logits"), py::arg("logits_dtype"), py::arg("logits_strides"), py::arg("labels"),
+        py::arg("old_logits"), py::arg("old_dtype"), py::arg("old_strides"), py::arg("new_logits"),
+        py::arg("new_dtype"), py::arg("new_strides"), py::arg("grad"), py::arg("grad_dtype"),
+        py::arg("grad_strides"), py::arg("consts"), py::arg("inv_temperature"),
+        py::arg("has_kl"), py::arg("has_ce"), py::arg("num_threads"), py::arg("isa") = "",
+        "Vocabulary-parallel gradient kernel (see ops/compat_loss/README.md): the gradient from "
+        "float32 row constants [B*T, 8]; grad may be logits. Returns the number of threads that ran.");
   m.def("best_isa", &mf::best_isa, "The instruction set compat_loss_rows uses by default.");
   m.def("available_isas", [] {
     py::list out;

@@ -306,14 +306,18 @@ struct GradCoef {
 
 // out = akl (softmax(z k) - softmax(t k)) + ce_w scale softmax(z); the one-hot term is added by
 // the caller. V1 as in t1_variant. out may be z itself (each lane is read before it is written).
-template <bool KL, bool CE, int V1>
+// TCH false leaves softmax(t k) out (a KL term without a teacher: vocabulary parallel sel == 0).
+template <bool KL, bool CE, bool TCH, int V1>
 inline void grad_chunk(const float* z, const float* t, float* out, int n, const GradCoef& g) {
   const vf zref = splat(g.zref), tref = splat(g.tref);
   for (int j = 0; j < n; j += L) {
     const vf d = ld_any(z, j, n) - zref;
     const vf eT = (KL || V1 != 3) ? (V1 == 1 ? vexp(d) : vexp(d * g.k)) : vf{};
     vf r = vf{};
-    if (KL) r = g.akl * (eT * g.rzT - vexp((ld_any(t, j, n) - tref) * g.k) * g.rt);
+    if (KL) {
+      if (TCH) r = g.akl * (eT * g.rzT - vexp((ld_any(t, j, n) - tref) * g.k) * g.rt);
+      else r = g.akl * (eT * g.rzT);
+    }
     if (CE) {
       const vf e1 = V1 == 1 ? eT : V1 == 2 ? eT * eT : vexp(d);
       r += g.c1 * e1;
@@ -326,14 +330,22 @@ inline void grad_chunk(const float* z, const float* t, float* out, int n, const 
   }
 }
 
+template <bool KL, bool CE, bool TCH>
+inline void grad_chunk_t(int v1, const float* z, const float* t, float* out, int n,
+                         const GradCoef& g) {
+  switch (v1) {
+    case 1: grad_chunk<KL, CE, TCH, 1>(z, t, out, n, g); break;
+    case 2: grad_chunk<KL, CE, TCH, 2>(z, t, out, n, g); break;
+    default: grad_chunk<KL, CE, TCH, 3>(z, t, out, n, g); break;
+  }
+}
+
+// t == nullptr: no teacher term (only meaningful with KL)
 template <bool KL, bool CE>
 inline void grad_chunk_v(int v1, const float* z, const float* t, float* out, int n,
                          const GradCoef& g) {
-  switch (v1) {
-    case 1: grad_chunk<KL, CE, 1>(z, t, out, n, g); break;
-    case 2: grad_chunk<KL, CE, 2>(z, t, out, n, g); break;
-    default: grad_chunk<KL, CE, 3>(z, t, out, n, g); break;
-  }
+  if (KL && !t) grad_chunk_t<KL, CE, false>(v1, z, t, out, n, g);
+  else grad_chunk_t<KL, CE, true>(v1, z, t, out, n, g);
 }
 
 struct Buffers {
@@ -447,11 +459,115 @@ void row(const RowArgs& a, int64_t i, Buffers& buf) {
   }
 }
 
-}  // namespace
+// Vocabulary parallel, partials kernel (README.md): the Stream sums of this rank's slice, relative
+// to its own max, for the caller to rescale to the global one.
+void partials_row(const PartialArgs& a, int64_t i, Buffers& buf) {
+  const int64_t V = a.V;
+  const int64_t b = i / a.T, tt = i % a.T;
+  float* p = a.partials + i * kPartialCols;
+  const int64_t y = a.labels[i];
+  std::fill_n(p, kPartialCols, 0.0f);
+  if (y == a.ignore_index) return;
+  // not owned here (another rank's label, or out of range): the label columns stay 0
+  const bool owned = y >= 0 && y < V;
+  const bool has_o = a.o.data != nullptr, has_w = a.w.data != nullptr;
+  const float k = a.inv_t;
+  const int vz = t1_variant(true, k), vo = t1_variant(has_o && a.old_at_one, k);
+  const int64_t zoff = b * a.z.s0 + tt * a.z.s1;
+  const int64_t ooff = b * a.o.s0 + tt * a.o.s1;
+  const int64_t woff = b * a.w.s0 + tt * a.w.s1;
 
-int run(const RowArgs& a) {
-  const int64_t N = a.B * a.T;
-  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(a.num_threads, N)));
+  Stream Z, O, W;
+  for (int64_t c0 = 0; c0 < V; c0 += CH) {
+    const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
+    const float* xz = load(a.z.data, a.z.dtype, zoff + c0, n, buf.z);
+    Z.observe(xz, n, c0, y, k);
+    sum_student_v(vz, xz, n, Z.ref(), k, Z);
+    if (has_o) {
+      const float* xo = load(a.o.data, a.o.dtype, ooff + c0, n, buf.o);
+      O.observe(xo, n, c0, y, k);
+      sum_teacher_v(vo, xo, xz, n, O.ref(), k, O);
+    }
+    if (has_w) {
+      const float* xw = load(a.w.data, a.w.dtype, woff + c0, n, buf.w);
+      W.observe(xw, n, c0, y, k);
+      sum_teacher_v(0, xw, xz, n, W.ref(), k, W);
+    }
+  }
+
+  // argmax as float: exact because validate() bounds V by 2^24
+  p[0] = Z.m;
+  p[1] = static_cast<float>(Z.arg);
+  p[2] = static_cast<float>(Z.s);
+  p[3] = static_cast<float>(Z.s1);
+  p[4] = owned ? Z.lab : 0.0f;
+  if (has_o) {
+    p[5] = O.m;
+    p[6] = static_cast<float>(O.arg);
+    p[7] = static_cast<float>(O.s);
+    p[8] = static_cast<float>(O.A);
+    if (a.old_at_one) {
+      p[9] = static_cast<float>(O.s1);
+      p[10] = owned ? O.lab : 0.0f;
+    }
+  }
+  if (has_w) {
+    p[11] = W.m;
+    p[12] = static_cast<float>(W.arg);
+    p[13] = static_cast<float>(W.s);
+    p[14] = static_cast<float>(W.A);
+  }
+}
+
+// Vocabulary parallel, gradient kernel (README.md): the statistics come in as row constants, so
+// this is the second pass of row() with GradCoef filled from them.
+void grad_rows_row(const GradRowsArgs& a, int64_t i, Buffers& buf) {
+  const int64_t V = a.V;
+  const int64_t b = i / a.T, tt = i % a.T;
+  const float* c = a.consts + i * kRowConsts;
+  const float sel = c[7];
+  const int64_t goff = b * a.g_s0 + tt * a.g_s1;
+  if (sel == -1.0f) {
+    fill(a.g, a.z.dtype, goff, V, 0.0f);
+    return;
+  }
+  const int64_t y = a.labels[i];
+  const float k = a.inv_t;
+  const int vz = t1_variant(true, k);
+  const int64_t zoff = b * a.z.s0 + tt * a.z.s1;
+  // the teacher term is on only with a teacher selected; validate() proved that one is given
+  const Operand* top = !a.has_kl ? nullptr : sel == 1.0f ? &a.o : sel == 2.0f ? &a.w : nullptr;
+  const int64_t toff = top ? b * top->s0 + tt * top->s1 : 0;
+
+  // no special case for NaN coefficients: c_kl or c_ce NaN turns its term, hence the row, NaN
+  GradCoef g{};
+  g.zref = c[0];
+  g.k = k;
+  g.rzT = static_cast<float>(1.0 / static_cast<double>(c[1]));
+  g.c1 = static_cast<float>(static_cast<double>(c[6]) / static_cast<double>(c[2]));
+  g.tref = c[3];
+  g.rt = static_cast<float>(1.0 / static_cast<double>(c[4]));
+  g.akl = c[5];
+  const float ce_scale = c[6];
+  for (int64_t c0 = 0; c0 < V; c0 += CH) {
+    const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
+    const float* xz = load(a.z.data, a.z.dtype, zoff + c0, n, buf.z);
+    const float* xt = top ? load(top->data, top->dtype, toff + c0, n, buf.o) : nullptr;
+    // fp32 grad is written in place of its own read (one element per lane): safe when g IS z
+    float* out = a.z.dtype == kFloat32 ? static_cast<float*>(a.g) + goff + c0 : buf.g;
+    if (a.has_kl && a.has_ce) grad_chunk_v<true, true>(vz, xz, xt, out, n, g);
+    else if (a.has_kl) grad_chunk_v<true, false>(vz, xz, xt, out, n, g);
+    else if (a.has_ce) grad_chunk_v<false, true>(vz, xz, xt, out, n, g);
+    else std::fill_n(out, n, 0.0f);
+    if (a.has_ce && y >= c0 && y < c0 + n) out[y - c0] -= ce_scale;
+    store(a.g, a.z.dtype, goff + c0, n, out);
+  }
+}
+
+// OpenMP over rows with one Buffers per thread; returns the team size.
+template <typename RowFn>
+int for_rows(int64_t N, int num_threads, RowFn row_fn) {
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, N)));
   int team = 1;
 #ifdef _OPENMP
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nt)));
@@ -461,14 +577,30 @@ int run(const RowArgs& a) {
 #pragma omp single nowait
     team = omp_get_num_threads();
 #pragma omp for schedule(dynamic, grain)
-    for (int64_t i = 0; i < N; ++i) row(a, i, buf);
+    for (int64_t i = 0; i < N; ++i) row_fn(i, buf);
   }
 #else
   (void)nt;
   Buffers buf;
-  for (int64_t i = 0; i < N; ++i) row(a, i, buf);
+  for (int64_t i = 0; i < N; ++i) row_fn(i, buf);
 #endif
   return team;
+}
+
+}  // namespace
+
+int run(const RowArgs& a) {
+  return for_rows(a.B * a.T, a.num_threads, [&a](int64_t i, Buffers& buf) { row(a, i, buf); });
+}
+
+int run_partials(const PartialArgs& a) {
+  return for_rows(a.B * a.T, a.num_threads,
+                  [&a](int64_t i, Buffers& buf) { partials_row(a, i, buf); });
+}
+
+int run_grad_rows(const GradRowsArgs& a) {
+  return for_rows(a.B * a.T, a.num_threads,
+                  [&a](int64_t i, Buffers& buf) { grad_rows_row(a, i, buf); });
 }
 
 void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n) {
@@ -493,23 +625,63 @@ void exp_f32(const float* src, float* dst, int64_t n) {
 
 #ifdef MF_PRIMARY
 
+namespace {
+
+bool ok_dtype(int d) { return d == kFloat32 || d == kBFloat16 || d == kFloat16; }
+
+// the checks every kernel shares: sizes, the operands, inv_temperature, threads
+const char* validate_common(int64_t B, int64_t T, int64_t V, const Operand& z, const Operand& o,
+                            const Operand& w, const int64_t* labels, float inv_t,
+                            int num_threads) {
+  if (B <= 0 || T <= 0 || V <= 0) return "sizes B, T, V must be positive";
+  if (B > INT64_MAX / T) return "B * T overflows int64";
+  if (!z.data) return "logits pointer is null";
+  if (!labels) return "labels pointer is null";
+  if (!ok_dtype(z.dtype)) return "logits dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)";
+  if (o.data && !ok_dtype(o.dtype)) return "old_logits dtype code must be 0, 1 or 2";
+  if (w.data && !ok_dtype(w.dtype)) return "new_logits dtype code must be 0, 1 or 2";
+  if (!(inv_t > 0.0f) || !std::isfinite(inv_t)) return "inv_temperature must be finite and > 0";
+  if (num_threads < 1) return "num_threads must be >= 1";
+  return nullptr;
+}
+
+}  // namespace
+
 const char* validate(const RowArgs& a) {
-  if (a.B <= 0 || a.T <= 0 || a.V <= 0) return "sizes B, T, V must be positive";
-  if (a.B > INT64_MAX / a.T) return "B * T overflows int64";
-  if (!a.z.data) return "logits pointer is null";
-  if (!a.labels) return "labels pointer is null";
+  if (const char* e = validate_common(a.B, a.T, a.V, a.z, a.o, a.w, a.labels, a.inv_t, a.num_threads))
+    return e;
   if (!a.stats) return "row_stats pointer is null";
-  auto ok_dtype = [](int d) { return d == kFloat32 || d == kBFloat16 || d == kFloat16; };
-  if (!ok_dtype(a.z.dtype)) return "logits dtype code must be 0 (float32), 1 (bfloat16) or 2 (float16)";
-  if (a.o.data && !ok_dtype(a.o.dtype)) return "old_logits dtype code must be 0, 1 or 2";
-  if (a.w.data && !ok_dtype(a.w.dtype)) return "new_logits dtype code must be 0, 1 or 2";
   if (a.mask_mode < kMaskGiven || a.mask_mode > kAllOld) return "mask_mode must be in 0..4";
   if (a.mask_mode == kMaskGiven && !a.mask) return "mask_mode 0 needs a mask pointer";
   if ((a.mask_mode == kOldCorrect || a.mask_mode == kTokenLikelihood || a.mask_mode == kAllOld ||
        a.old_label_logprob) && !a.o.data)
     return "this mask_mode (or old_label_logprob) needs old_logits";
-  if (!(a.inv_t > 0.0f) || !std::isfinite(a.inv_t)) return "inv_temperature must be finite and > 0";
-  if (a.num_threads < 1) return "num_threads must be >= 1";
+  return nullptr;
+}
+
+const char* validate(const PartialArgs& a) {
+  if (const char* e = validate_common(a.B, a.T, a.V, a.z, a.o, a.w, a.labels, a.inv_t, a.num_threads))
+    return e;
+  if (!a.partials) return "partials pointer is null";
+  // the argmax columns are float32, exact for indices below 2^24
+  if (a.V > (int64_t{1} << 24)) return "V must be <= 2**24 (argmax columns are float32)";
+  return nullptr;
+}
+
+const char* validate(const GradRowsArgs& a) {
+  if (const char* e = validate_common(a.B, a.T, a.V, a.z, a.o, a.w, a.labels, a.inv_t, a.num_threads))
+    return e;
+  if (!a.g) return "grad pointer is null";
+  if (!a.consts) return "consts pointer is null";
+  // sel decides which teacher row is read: checked here so that no row reads a missing operand
+  const int64_t N = a.B * a.T;
+  for (int64_t i = 0; i < N; ++i) {
+    const float sel = a.consts[i * kRowConsts + 7];
+    if (!(sel == -1.0f || sel == 0.0f || sel == 1.0f || sel == 2.0f))
+      return "consts[:, 7] (sel) must be -1, 0, 1 or 2";
+    if (a.has_kl && sel == 1.0f && !a.o.data) return "a row with sel == 1 needs old_logits";
+    if (a.has_kl && sel == 2.0f && !a.w.data) return "a row with sel == 2 needs new_logits";
+  }
   return nullptr;
 }
 
@@ -574,6 +746,20 @@ const char* available_isas() {
 bool compat_loss_rows(const RowArgs& a, const char* isa, int* threads_used) {
   int used = 0;
   MF_DISPATCH_SET(isa, used = run(a));
+  if (threads_used) *threads_used = used;
+  return true;
+}
+
+bool compat_partials(const PartialArgs& a, const char* isa, int* threads_used) {
+  int used = 0;
+  MF_DISPATCH_SET(isa, used = run_partials(a));
+  if (threads_used) *threads_used = used;
+  return true;
+}
+
+bool compat_grad_rows(const GradRowsArgs& a, const char* isa, int* threads_used) {
+  int used = 0;
+  MF_DISPATCH_SET(isa, used = run_grad_rows(a));
   if (threads_used) *threads_used = used;
   return true;
 }

@@ -2,7 +2,8 @@
 //
 // Tensors cross as raw pointers, sizes, strides in elements and dtype codes; no libtorch.
 // compat_loss.cpp is compiled once per instruction set (namespace baseline / avx2 / avx512);
-// compat_loss_rows() picks the best one the running CPU supports.
+// compat_loss_rows() (and the vocabulary-parallel compat_partials() and compat_grad_rows()) pick
+// the best one the running CPU supports.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,8 @@ enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum MaskMode : int { kMaskGiven = 0, kMuscle = 1, kOldCorrect = 2, kTokenLikelihood = 3, kAllOld = 4 };
 
 constexpr int kStatCols = 9;
+constexpr int kPartialCols = 15;  // vocabulary parallel: partial statistics per row
+constexpr int kRowConsts = 8;     // vocabulary parallel: gradient constants per row
 
 struct Operand {           // a [B, T, V] tensor with stride(-1) == 1
   const void* data = nullptr;
@@ -35,12 +38,40 @@ struct RowArgs {
   int num_threads = 1;
 };
 
+// Vocabulary parallel (README.md): one rank's column slice; labels are local ids.
+struct PartialArgs {
+  int64_t B = 0, T = 0, V = 0;
+  Operand z, o, w;                  // student, old teacher (nullable), new teacher (nullable)
+  const int64_t* labels = nullptr;  // [B*T]
+  float* partials = nullptr;        // [B*T, 15]
+  float inv_t = 1.f;
+  int64_t ignore_index = -2;
+  bool old_at_one = false;
+  int num_threads = 1;
+};
+
+struct GradRowsArgs {
+  int64_t B = 0, T = 0, V = 0;
+  Operand z, o, w;                  // student, old teacher (nullable), new teacher (nullable)
+  void* g = nullptr;                // gradient, logits dtype, may alias z.data
+  int64_t g_s0 = 0, g_s1 = 0;
+  const int64_t* labels = nullptr;  // [B*T]
+  const float* consts = nullptr;    // [B*T, 8]
+  float inv_t = 1.f;
+  bool has_kl = false, has_ce = false;
+  int num_threads = 1;
+};
+
 // nullptr when args satisfy the contract, else a message naming the bad argument.
 const char* validate(const RowArgs& a);
+const char* validate(const PartialArgs& a);
+const char* validate(const GradRowsArgs& a);  // also reads consts' sel column
 
 // isa: "" picks the best supported; else one of available_isas(). Returns false on an unknown or
 // unsupported isa. Arguments must have passed validate(). threads_used: the OpenMP team size.
 bool compat_loss_rows(const RowArgs& a, const char* isa = "", int* threads_used = nullptr);
+bool compat_partials(const PartialArgs& a, const char* isa = "", int* threads_used = nullptr);
+bool compat_grad_rows(const GradRowsArgs& a, const char* isa = "", int* threads_used = nullptr);
 const char* best_isa();
 const char* available_isas();  // comma separated, best last
 
@@ -51,6 +82,8 @@ bool exp_f32(const float* src, float* dst, int64_t n, const char* isa);
 #define MF_DECLARE_ISA(ns)                                                                  \
   namespace ns {                                                                            \
   int run(const RowArgs& a);                                                                \
+  int run_partials(const PartialArgs& a);                                                   \
+  int run_grad_rows(const GradRowsArgs& a);                                                 \
   void convert(const void* src, int src_dtype, void* dst, int dst_dtype, int64_t n);        \
   void exp_f32(const float* src, float* dst, int64_t n);                                    \
   }

@@ -115,3 +115,95 @@ def compat_loss_native(
         ISA,
     )
     return row_stats
+
+
+# ------------------------------------------------------------------ vocabulary parallel kernels
+
+
+def _check_slice(logits, labels, old_logits, new_logits):
+    if _native is None:
+        raise RuntimeError(native_available()[1])
+    logits, old_logits, new_logits = map(_as3d, (logits, old_logits, new_logits))
+    B, T, V = logits.shape
+    assert labels.dtype == torch.int64 and labels.is_contiguous() and labels.numel() == B * T
+    assert old_logits is None or old_logits.shape == logits.shape
+    assert new_logits is None or new_logits.shape == logits.shape
+    return logits, old_logits, new_logits
+
+
+def compat_partials_native(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logits: Optional[torch.Tensor],
+    new_logits: Optional[torch.Tensor],
+    *,
+    inv_temperature: float,
+    ignore_index: int,
+    old_at_one: bool,
+) -> torch.Tensor:
+    """Partial statistics float32 [B*T, 15] of this rank's vocabulary slice; ``labels`` are local
+    ids (README.md, "Vocabulary parallel")."""
+    logits, old_logits, new_logits = _check_slice(logits, labels, old_logits, new_logits)
+    B, T, V = logits.shape
+    partials = torch.empty(B * T, 15, dtype=torch.float32)
+    if B * T == 0:
+        return partials
+    z = _operand(logits, "logits")
+    o = _operand(old_logits, "old_logits")
+    w = _operand(new_logits, "new_logits")
+    _native.compat_partials(
+        B, T, V,
+        z[0], z[1], z[2],
+        labels.data_ptr(),
+        o[0], o[1], o[2],
+        w[0], w[1], w[2],
+        partials.data_ptr(),
+        float(inv_temperature),
+        int(ignore_index),
+        bool(old_at_one),
+        max(1, torch.get_num_threads()),
+        ISA,
+    )
+    return partials
+
+
+def compat_grad_rows_native(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_logits: Optional[torch.Tensor],
+    new_logits: Optional[torch.Tensor],
+    grad: torch.Tensor,
+    consts: torch.Tensor,
+    *,
+    inv_temperature: float,
+    has_kl: bool,
+    has_ce: bool,
+) -> None:
+    """Writes this slice's d loss_i / d logits into ``grad`` (which may be ``logits``) from the row
+    constants ``consts`` float32 [B*T, 8] (README.md, "Vocabulary parallel")."""
+    logits, old_logits, new_logits = _check_slice(logits, labels, old_logits, new_logits)
+    grad = _as3d(grad)
+    B, T, V = logits.shape
+    assert grad.shape == logits.shape and grad.dtype == logits.dtype
+    assert consts.dtype == torch.float32 and consts.is_contiguous() and consts.shape == (B * T, 8)
+    assert consts.device.type == "cpu", "consts must be on the CPU"
+    if B * T == 0:
+        return
+    z = _operand(logits, "logits")
+    o = _operand(old_logits, "old_logits")
+    w = _operand(new_logits, "new_logits")
+    g = _operand(grad, "grad")
+    _native.compat_grad_rows(
+        B, T, V,
+        z[0], z[1], z[2],
+        labels.data_ptr(),
+        o[0], o[1], o[2],
+        w[0], w[1], w[2],
+        g[0], g[1], g[2],
+        consts.data_ptr(),
+        float(inv_temperature),
+        bool(has_kl),
+        bool(has_ce),
+        max(1, torch.get_num_threads()),
+        ISA,
+    )
