@@ -182,23 +182,27 @@ def _worker(case: str, out: Path, models: Path | None):
 
             from muscle_fast.train import CompatTrainer
 
-            grads = {}
+            grads, logged = {}, {}
 
             class Grab(TrainerCallback):
                 def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
                     grads.update(_compat_grads(getattr(model, "module", model).student))
+
+                def on_log(self, args, state, control, logs=None, **kw):
+                    logged.update({k: v for k, v in (logs or {}).items() if k.startswith("compat/")})
 
             b = _compat_batch()
             rows = [{k: v[i] for k, v in b.items()} for i in range(len(b["labels"]))]
             args = TrainingArguments(
                 output_dir=str(out / "trainer"), per_device_train_batch_size=len(rows) // world,
                 max_steps=1, learning_rate=1e-3, max_grad_norm=0, save_strategy="no",
-                report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0)
+                report_to=[], use_cpu=True, disable_tqdm=True, dataloader_num_workers=0,
+                logging_steps=1)
             trainer = CompatTrainer(model=_build(models), args=args, train_dataset=rows,
                                     callbacks=[Grab()])
             assert trainer.accelerator.num_processes == world
             trainer.train()  # each rank takes 2 of the 4 rows: together the whole batch
-            result = grads
+            result = {**grads, "logged": logged}
         else:
             raise ValueError(case)
         torch.save(result, out / f"rank{rank}.pt")
@@ -280,6 +284,13 @@ def test_ddp_compat_training_equals_one_process(case, tmp_path):
     if case != "trainer":
         _close(torch.tensor(sum(r["loss"] for r in ranks)), torch.tensor(stats["loss"]), "loss")
     for rank, r in enumerate(ranks):
+        if case == "trainer":
+            # compat/* stats are token-weighted over both ranks' tokens, the same on every rank
+            logged = r.pop("logged")
+            want = {f"compat/{k}": v for k, v in stats.items() if k not in ("loss", "n_valid")}
+            assert set(logged) == set(want), (sorted(logged), sorted(want))
+            for k, v in want.items():
+                assert abs(logged[k] - v) <= 2e-6, f"{k} on rank {rank}: {logged[k]} != {v}"
         assert set(r) - {"loss"} == set(ref)
         for k, g in ref.items():
             _close(r[k], g, f"grad {k} on rank {rank}")

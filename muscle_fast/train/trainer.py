@@ -18,7 +18,8 @@ class CompatTrainer(Trainer):
 
     Batches are dicts with ``input_ids``, ``labels`` (unshifted, ``-100`` where ignored) and
     optionally ``attention_mask``. Logs ``compat/<stat>`` (token-weighted means over the logging
-    interval of ``fused_compat_loss``'s stats) beside the loss. Checkpoints and the final save hold
+    interval of ``fused_compat_loss``'s stats, over the tokens of every data parallel rank) beside
+    the loss. Checkpoints and the final save hold
     only the compatibility adapter (a plain peft adapter directory), plus the Trainer's state.
     """
 
@@ -70,9 +71,15 @@ class CompatTrainer(Trainer):
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._stat_sums:
             s, self._stat_sums = self._stat_sums, {}
-            n = float(s.pop("n"))
-            for f, v in s.items():
-                logs[f"compat/{f}"] = round(float(v) / max(n, 1.0), 6)
+            names = list(s)
+            sums = torch.stack([torch.as_tensor(s[k], dtype=torch.float64) for k in names])
+            if self.accelerator.num_processes > 1:
+                # every rank logs at the same step: token-weighted means over all ranks' tokens
+                sums = self.accelerator.reduce(sums.to(self.accelerator.device), reduction="sum")
+            totals = dict(zip(names, sums.tolist()))
+            n = totals.pop("n")
+            for f, v in totals.items():
+                logs[f"compat/{f}"] = round(v / max(n, 1.0), 6)
         super().log(logs, *args, **kwargs)
 
     # ---- checkpoints: only the compatibility adapter ----
