@@ -31,22 +31,21 @@ B, T = 3, 5
 MASKS = ("muscle", "old_correct", "token_likelihood", "sequence_likelihood", "all_old", "tensor")
 
 
-def _impls():
+def _impls(device):
     from muscle_fast import available_impls
 
-    return [i for i in ("torch", "native", "triton") if available_impls("cpu")[i].available]
+    return [i for i in ("torch", "native", "triton") if available_impls(device)[i].available]
 
 
-def _cases():
+def _cases(device="cpu"):
     """Every case: a dict of options (identical in the parent and the workers)."""
     out = []
-    for impl in _impls():
+    for impl in _impls(device):
         dtypes = (torch.float32, torch.bfloat16) if impl != "triton" else (torch.float32,)
         for dtype in dtypes:
             for mask in MASKS:
                 out.append(dict(impl=impl, dtype=dtype, mask=mask, ce_weight=0.5))
-            out.append(dict(impl=impl, dtype=dtype, mask="muscle", ce_weight=0.0, reduction="sum",
-                            return_new=True))
+            out.append(dict(impl=impl, dtype=dtype, mask="muscle", ce_weight=0.0, reduction="sum"))
         out += [
             dict(impl=impl, dtype=torch.float32, mask="old_correct", new=False, ce_weight=0.0),
             dict(impl=impl, dtype=torch.float32, mask="tensor", new=False, kl_weight=0.0,
@@ -112,8 +111,8 @@ def _run(z, labels, o, w, kw, upstream, **extra):
     z = z.clone().requires_grad_()
     loss, stats = fused_compat_loss(z, labels, o, w, **kw, **extra)
     (loss * upstream).sum().backward()
-    stats = {k: v.detach().double() for k, v in vars(stats).items() if v is not None}
-    return loss.detach().double(), stats, z.grad.double()
+    stats = {k: v.detach().double().cpu() for k, v in vars(stats).items() if v is not None}
+    return loss.detach().double().cpu(), stats, z.grad.double().cpu()
 
 
 # ---- fused_linear_compat_loss with a column-sharded lm_head
@@ -121,9 +120,9 @@ def _run(z, labels, o, w, kw, upstream, **extra):
 H = 8
 
 
-def _linear_cases():
+def _linear_cases(device="cpu"):
     out = []
-    for impl in _impls():
+    for impl in _impls(device):
         for dtype in ((torch.float32, torch.bfloat16) if impl != "triton" else (torch.float32,)):
             out.append(dict(impl=impl, dtype=dtype, mask="muscle", ce_weight=0.5))
         out += [
@@ -162,16 +161,22 @@ def _run_linear(case, h, weight, bias, old_h, old_w, new_logits, labels, **extra
         mask=case["mask"], ce_weight=case.get("ce_weight", 0.0),
         reduction=case.get("reduction", "mean"), chunk_size=case.get("chunk_size"),
         return_stats=True, **extra)
-    (loss * _upstream(case)).sum().backward()
-    stats = {k: v.detach().double() for k, v in vars(stats).items() if v is not None}
-    grads = [None if x.grad is None else x.grad.double() for x in (h, weight, bias)]
-    return loss.detach().double(), stats, grads
+    (loss * _upstream(case).to(loss.device)).sum().backward()
+    stats = {k: v.detach().double().cpu() for k, v in vars(stats).items() if v is not None}
+    grads = [None if x.grad is None else x.grad.double().cpu() for x in (h, weight, bias)]
+    return loss.detach().double().cpu(), stats, grads
 
 
 # ------------------------------------------------------------------ worker (one rank)
 
 
-def _worker(world: int, out_dir: str) -> None:
+def _on(device, *xs):
+    return [x.to(device) if isinstance(x, torch.Tensor) else x for x in xs]
+
+
+def _worker(world: int, out_dir: str, device: str) -> None:
+    """One rank: every case on this rank's vocabulary slice, on ``device`` (gloo also carries CUDA
+    tensors, so 2-3 processes can share one GPU)."""
     import torch.distributed as dist
 
     rank = int(os.environ["RANK"])
@@ -181,26 +186,27 @@ def _worker(world: int, out_dir: str) -> None:
     start = sum(sizes[:rank])
     cols = slice(start, start + sizes[rank])
     results = []
-    for case in _cases():
-        z, o, w, labels, mask, seq = _inputs(case)
-        kw = _kwargs(case, mask, seq)
+    for case in _cases(device):
+        z, o, w, labels, mask, seq = _on(device, *_inputs(case))
+        kw = {k: _on(device, v)[0] for k, v in _kwargs(case, mask, seq).items()}
         extra = dict(process_group=dist.group.WORLD, impl=case["impl"],
                      inplace_backward=case.get("inplace_backward", False),
                      validate=case.get("validate", True))
         if case.get("vocab_start"):
             extra["vocab_start"] = start
         local = [None if x is None else x[..., cols].contiguous() for x in (z, o, w)]
-        results.append(_run(local[0], labels, local[1], local[2], kw, _upstream(case), **extra))
+        results.append(_run(local[0], labels, local[1], local[2], kw,
+                            _upstream(case).to(device), **extra))
     linear = []
-    for case in _linear_cases():
-        h, weight, bias, old_h, old_w, new_logits, labels = _linear_inputs(case)
+    for case in _linear_cases(device):
+        h, weight, bias, old_h, old_w, new_logits, labels = _on(device, *_linear_inputs(case))
         rows = slice(start, start + sizes[rank])
         linear.append(_run_linear(
             case, h, weight[rows], bias[rows], old_h, old_w[rows],
             None if new_logits is None else new_logits[..., rows], labels,
             process_group=dist.group.WORLD, impl=case["impl"]))
     errors = {}
-    z, o, w, labels, _, _ = _inputs(dict(dtype=torch.float32, mask="muscle"))
+    z, o, w, labels, _, _ = _on(device, *_inputs(dict(dtype=torch.float32, mask="muscle")))
     local = [x[..., cols] for x in (z, o, w)]
     from muscle_fast import fused_compat_loss
 
@@ -222,6 +228,7 @@ def _worker(world: int, out_dir: str) -> None:
         nan_loss = fused_compat_loss(local[0], bad, *local[1:], process_group=group,
                                      vocab_start=start, validate=False, reduction="none")
     errors["nan_row"] = nan_loss.isnan().reshape(-1).tolist()
+    errors["impls"] = _impls(device)
     torch.save({"results": results, "linear": linear, "errors": errors},
                f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -230,7 +237,7 @@ def _worker(world: int, out_dir: str) -> None:
 # ------------------------------------------------------------------ the tests
 
 
-def _launch(world: int, tmp_path: Path):
+def _launch(world: int, tmp_path: Path, device: str):
     env_base = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
     env_base["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env_base.get("PYTHONPATH", "")])
     env_base["OMP_NUM_THREADS"] = "1"
@@ -238,7 +245,7 @@ def _launch(world: int, tmp_path: Path):
     for rank in range(world):
         env = dict(env_base, RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
         procs.append(subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), str(world), str(tmp_path)],
+            [sys.executable, str(Path(__file__).resolve()), str(world), str(tmp_path), device],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outs = []
     for p in procs:
@@ -323,13 +330,17 @@ def _check_all(cases, per_case, check, label):
     assert not failures, f"{len(failures)} of {len(cases)} cases failed:\n" + "\n".join(failures)
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_equals_one_process(world, tmp_path):
-    ranks = _launch(world, tmp_path)
-    _check_all(_cases(), lambda i: [r["results"][i] for r in ranks], _check_case,
-               f"world {world} fused_compat_loss")
-    _check_all(_linear_cases(), lambda i: [r["linear"][i] for r in ranks], _check_linear_case,
-               f"world {world} fused_linear_compat_loss")
+@pytest.mark.parametrize("world,device", [
+    (2, "cpu"), (3, "cpu"),
+    # the Triton kernels on a GPU: 2 processes share it (gloo carries CUDA tensors)
+    pytest.param(2, "cuda", marks=pytest.mark.gpu)])
+def test_vocab_parallel_equals_one_process(world, device, tmp_path):
+    ranks = _launch(world, tmp_path, device)
+    assert ranks[0]["errors"]["impls"] == _impls(device)
+    _check_all(_cases(device), lambda i: [r["results"][i] for r in ranks], _check_case,
+               f"world {world} {device} fused_compat_loss")
+    _check_all(_linear_cases(device), lambda i: [r["linear"][i] for r in ranks],
+               _check_linear_case, f"world {world} {device} fused_linear_compat_loss")
 
     errors = [r["errors"] for r in ranks]
     assert all("tile" in e["overlap"] for e in errors), errors[0]["overlap"]
@@ -342,4 +353,4 @@ def test_vocab_parallel_equals_one_process(world, tmp_path):
 
 
 if __name__ == "__main__":
-    _worker(int(sys.argv[1]), sys.argv[2])
+    _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
