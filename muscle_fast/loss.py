@@ -118,13 +118,14 @@ def fused_compat_loss(
             the group calls with the same labels, mask and options, and gets the loss and stats
             of the whole vocabulary (equal on every rank, the single-device values up to
             rounding) and its slice of the gradient. Cost per call: 3 all-reduces on
-            O(tokens) tensors (MAX of 3 row maxima, then concurrently SUM of 10 rescaled
-            partial sums and label logits and MIN of 3 argmax indices): 4 * 3 + 4 * 10 + 8 * 3 =
-            76 bytes per token with a new teacher (60 without; ``"token_likelihood"`` and
-            ``"sequence_likelihood"`` add 8), against ``2 * V`` bytes per token to all-gather
-            bf16 logits. ``"sequence_likelihood"`` runs the collectives twice. The kernels
-            read the student row twice (statistics, then gradient), like the single-device
-            kernel on rows of more than 8192 columns.
+            O(tokens) tensors (MAX of the 3 row maxima; then, concurrently, SUM of 8 rescaled
+            partial sums, label logits and label-owner counts, and MIN of 3 int32 argmax
+            indices): 4 * 3 + 4 * 8 + 4 * 3 = 56 bytes per token with a new teacher (40
+            without; ``"token_likelihood"`` and ``"sequence_likelihood"`` add 8), where
+            all-gathering the logits instead would move ``2 * V`` bytes per token and model in
+            bf16. ``"sequence_likelihood"`` runs the collectives twice. The kernels read the
+            student row twice (statistics, then gradient), like the single-device kernel on rows
+            of more than 8192 columns.
         vocab_start: this rank's first vocabulary column. None: the slices are contiguous in
             group rank order, found with one all_gather of 16 bytes per rank and a host sync
             (which ``validate=True`` also uses to check that given starts tile the vocabulary).

@@ -7,8 +7,8 @@ max. Per call (one launch of each kernel on every rank):
 1. the *partials kernel* reads this rank's slice of the student and teacher rows once and writes
    15 float32 partial statistics per row (``compat_partials_<backend>``, contract in README.md);
 2. three all-reduces on O(N) tensors: MAX of the row maxima; then, concurrently, SUM of the
-   rescaled sums (and label logits) and MIN of the argmax candidates (the lowest global index
-   among the slices holding the global max: torch.argmax's tie rule);
+   rescaled sums, label logits and label-owner counts, and MIN of the argmax candidates (the
+   lowest global index among the slices holding the global max: torch.argmax's tie rule);
 3. the global row statistics, the mask and the loss, in PyTorch on [N] vectors (this file);
 4. the *gradient kernel* writes this rank's slice of the gradient from 8 float32 row constants
    (``compat_grad_rows_<backend>``), reading the student and the one selected teacher again.
@@ -223,8 +223,9 @@ class VocabParallel:
         self._all_reduce(gmax, ops and ops.MAX)
         # 2. argmax candidates (lowest global index among the slices holding the maximum) and the
         #    sums rescaled from this slice's reference to the global one; reduced concurrently
-        arg = p[:, [c + 1 for c in max_cols]].to(torch.int64) + self.vocab_start
-        cand = torch.where(local_max == gmax, arg, torch.full_like(arg, torch.iinfo(torch.int64).max))
+        # int32 is exact: vocab_shards keeps the vocabulary below 2**24
+        arg = p[:, [c + 1 for c in max_cols]].to(torch.int32) + self.vocab_start
+        cand = torch.where(local_max == gmax, arg, torch.full_like(arg, torch.iinfo(torch.int32).max))
         ref = _safe(gmax)
         f_k = torch.exp((local_max - ref) * k)  # 0 for a slice whose maximum is -inf
         f_1 = torch.exp(local_max - ref)
