@@ -117,7 +117,9 @@ def _compat_batch(seed: int = 0):
 
 def _compat_grads(model):
     inner = getattr(model, "module", model)
-    return {n: p.grad.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.detach() for n, p in inner.named_parameters() if p.requires_grad}
+    # FSDP2 holds sharded DTensor gradients: gather each whole
+    return {n: g.full_tensor() if hasattr(g, "full_tensor") else g.clone() for n, g in grads.items()}
 
 
 # ---------------------------------------------------------------- the ranks
@@ -169,6 +171,37 @@ def _worker(case: str, out: Path, models: Path | None):
             stats = compat_training_step(model, batch, num_items=n / world)
             result = {"loss": stats["loss"] / world,
                       **_compat_grads(model.student)}
+        elif case == "fsdp2_compat_step":
+            from torch.distributed.fsdp import fully_shard
+
+            from muscle_fast.train import compat_training_step
+
+            model = _build(models)
+            # FSDP2 on the student: each decoder layer, then the student itself (the root); the
+            # teacher pass and the student pass both go through the sharded modules' hooks
+            for layer in model.student.base_model.model.model.layers:
+                fully_shard(layer)
+            fully_shard(model.student)
+            batch = {k: _shard(v, rank) for k, v in _compat_batch().items()}
+            n = global_num_items(batch["labels"][:, 1:])
+            stats = compat_training_step(model, batch, num_items=n / world)
+            result = {"loss": stats["loss"] / world, **_compat_grads(model.student)}
+        elif case == "fsdp2_whole_compat_model":
+            from torch.distributed.fsdp import fully_shard
+
+            from muscle_fast.train import compat_training_step
+
+            # what accelerate's FSDP2 does: shard every decoder layer (student and old model),
+            # then the CompatModel as the root, which owns the embeddings, norms and lm_heads
+            model = _build(models)
+            for m in list(model.modules()):
+                if type(m).__name__ == "LlamaDecoderLayer":
+                    fully_shard(m)
+            fully_shard(model)
+            batch = {k: _shard(v, rank) for k, v in _compat_batch().items()}
+            n = global_num_items(batch["labels"][:, 1:])
+            stats = compat_training_step(model, batch, num_items=n / world)
+            result = {"loss": stats["loss"] / world, **_compat_grads(model.student)}
         elif case == "ddp_whole_compat_model":
             from muscle_fast.train import compat_training_step
 
@@ -189,7 +222,8 @@ def _worker(case: str, out: Path, models: Path | None):
                     grads.update(_compat_grads(getattr(model, "module", model).student))
 
                 def on_log(self, args, state, control, logs=None, **kw):
-                    logged.update({k: v for k, v in (logs or {}).items() if k.startswith("compat/")})
+                    logged.update({k: v for k, v in (logs or {}).items()
+                                   if k.startswith("compat/")})
 
             b = _compat_batch()
             rows = [{k: v[i] for k, v in b.items()} for i in range(len(b["labels"]))]
@@ -268,6 +302,8 @@ def test_data_parallel_fused_loss_equals_one_process(case, tmp_path):
 @pytest.mark.parametrize("case", [
     pytest.param("ddp_compat_step", id="ddp-student"),
     pytest.param("ddp_whole_compat_model", id="ddp-compat-model"),
+    pytest.param("fsdp2_compat_step", id="fsdp2-student"),
+    pytest.param("fsdp2_whole_compat_model", id="fsdp2-compat-model"),
     pytest.param("trainer", id="compat-trainer")])
 def test_ddp_compat_training_equals_one_process(case, tmp_path):
     pytest.importorskip("transformers")

@@ -96,8 +96,9 @@ def _adapter(peft_model: nn.Module, name: str):
 class CompatModel(nn.Module):
     """Student (new base + compatibility adapter) with its two frozen teachers.
 
-    ``forward`` runs the student only; :meth:`teacher_logits` runs both teachers under
-    ``no_grad`` in eval mode. The old model stays in eval mode whatever ``train()`` is called.
+    ``forward`` runs the student (and, with ``return_teacher_logits=True``, both teachers first);
+    :meth:`teacher_logits` runs both teachers under ``no_grad`` in eval mode. The old model stays
+    in eval mode whatever ``train()`` is called.
     """
 
     # read by transformers.Trainer: it counts num_items_in_batch over labels[..., 1:] (causal
@@ -127,10 +128,15 @@ class CompatModel(nn.Module):
         return self
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                labels: Tensor | None = None, **kwargs):
+                labels: Tensor | None = None, return_teacher_logits: bool = False, **kwargs):
         """The student's forward (labels are not used here: the loss is computed by
-        :func:`compat_loss`)."""
-        return self.student(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        :func:`compat_loss`). With ``return_teacher_logits``: ``(student_output, old_logits,
+        new_logits)``, the teachers run first under ``no_grad``. One call through a DDP/FSDP
+        wrapper then covers all three models: FSDP gathers the root's sharded parameters
+        (embeddings, lm_heads) only around the root's forward."""
+        teachers = self.teacher_logits(input_ids, attention_mask) if return_teacher_logits else None
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return out if teachers is None else (out, *teachers)
 
     @torch.no_grad()
     def teacher_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None):
@@ -232,11 +238,8 @@ def compat_loss(model: CompatModel, inputs: dict, args: CompatArguments | None =
     args = args if args is not None else CompatArguments()
     input_ids, labels = inputs["input_ids"], inputs["labels"]
     attn = inputs.get("attention_mask")
-    inner = model
-    while not isinstance(inner, CompatModel) and hasattr(inner, "module"):
-        inner = inner.module  # DistributedDataParallel (transformers.Trainer / accelerate wrap it)
-    old, new = inner.teacher_logits(input_ids, attn)
-    out = model(input_ids=input_ids, attention_mask=attn)  # through the wrapper: its grad hooks
+    # one call through the wrapper (DDP, FSDP, or none): its hooks see teachers and student
+    out, old, new = model(input_ids=input_ids, attention_mask=attn, return_teacher_logits=True)
     logits = out.logits
     loss, stats = fused_compat_loss(
         logits[:, :-1], labels[:, 1:], old[:, :-1], new[:, :-1],
