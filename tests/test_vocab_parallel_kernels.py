@@ -53,14 +53,20 @@ def _slices(xs, a, b):
     return [None if x is None else x[..., a:b] for x in xs]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"V{s[0]}")
-@pytest.mark.parametrize("has_new,old_at_one", [(True, False), (False, True), (True, True)])
-def test_partials(impl, dtype, shape, has_new, old_at_one):
+def _params(flags, long_flags, inplace=(False,)):
+    """Every impl x dtype x short shape x flags; the long row (Triton's loop path, several native
+    chunks) once per impl, in bf16 with ``long_flags`` (slow in the Triton interpreter)."""
+    out = [(i, d, s, *f, ip) for i in IMPLS for d in DTYPES for s in SHAPES[:2] for f in flags
+           for ip in inplace if not (ip and d != torch.float32)]  # in place: checked in float32
+    out += [(i, torch.bfloat16, SHAPES[2], *long_flags, False) for i in IMPLS]
+    return [pytest.param(*p, id=f"{p[0]}-{str(p[1])[6:]}-V{p[2][0]}-" + "-".join(map(str, p[3:])))
+            for p in out]
+
+
+@pytest.mark.parametrize("impl,dtype,shape,has_new,old_at_one,_",
+                         _params([(True, False), (False, True), (True, True)], (True, True)))
+def test_partials(impl, dtype, shape, has_new, old_at_one, _):
     V, (a, b) = shape
-    if V > 1000 and (impl != "triton" or dtype != torch.bfloat16 or not has_new):
-        pytest.skip("the long row exercises Triton's loop path; one dtype suffices")
     z, o, w, labels = _inputs(V, dtype)
     w = w if has_new else None
     y = _local(labels, a, b)
@@ -99,17 +105,11 @@ def _consts(z, o, w, labels, sel, dtype64=True):
     return consts
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"V{s[0]}")
-@pytest.mark.parametrize("has_kl,has_ce", [(True, False), (False, True), (True, True)])
-@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("impl,dtype,shape,has_kl,has_ce,inplace",
+                         _params([(True, False), (False, True), (True, True)], (True, True),
+                                 inplace=(False, True)))
 def test_grad_rows(impl, dtype, shape, has_kl, has_ce, inplace):
     V, (a, b) = shape
-    if V > 1000 and (impl != "triton" or dtype != torch.bfloat16 or not (has_kl and has_ce)):
-        pytest.skip("the long row exercises Triton's loop path; one case suffices")
-    if inplace and dtype != torch.float32 and V < 1000:
-        pytest.skip("in place is checked in float32")
     z, o, w, labels = _inputs(V, dtype)
     z[1, 0] = torch.randn(V).to(dtype)  # finite row: its constants come from its partials
     full_y = _local(labels, 0, V)
