@@ -125,7 +125,8 @@ def fused_compat_loss(
             all-gathering the logits instead would move ``2 * V`` bytes per token and model in
             bf16. ``"sequence_likelihood"`` runs the collectives twice. The kernels read the
             student row twice (statistics, then gradient), like the single-device kernel on rows
-            of more than 8192 columns.
+            of more than 8192 columns. Under ``torch.compile`` this call runs eagerly (a graph
+            break: the collectives are not traced).
         vocab_start: this rank's first vocabulary column. None: the slices are contiguous in
             group rank order, found with one all_gather of 16 bytes per rank and a host sync
             (which ``validate=True`` also uses to check that given starts tile the vocabulary).

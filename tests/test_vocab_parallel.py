@@ -352,5 +352,23 @@ def test_vocab_parallel_equals_one_process(world, device, tmp_path):
         assert e["nan_row"][0] and not any(e["nan_row"][1:]), e["nan_row"]
 
 
+def test_errors_without_a_process_group():
+    """Checked before any collective: no initialised group, or vocab_start alone."""
+    import torch.distributed as dist
+
+    from muscle_fast import fused_compat_loss, fused_linear_compat_loss
+
+    assert not dist.is_initialized()
+    z, o, w, labels, _, _ = _inputs(dict(dtype=torch.float32, mask="muscle"))
+    with pytest.raises(ValueError, match="not initialized"):
+        fused_compat_loss(z, labels, o, w, process_group=object())
+    with pytest.raises(ValueError, match="without process_group"):
+        fused_compat_loss(z, labels, o, w, vocab_start=0)
+    h = torch.randn(B, T, H)
+    with pytest.raises(ValueError, match="not initialized"):
+        fused_linear_compat_loss(h, torch.randn(V, H), labels, old_logits=o, new_logits=w,
+                                 process_group=object())
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), sys.argv[2], sys.argv[3])
