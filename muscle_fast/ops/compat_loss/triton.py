@@ -50,6 +50,35 @@ def _teacher_step(x, z, cols, V, y, best, arg, s, a, s_1, x_y, inv_t, AT_ONE: tl
 
 
 @triton.jit
+def _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V: tl.constexpr,
+                HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr):
+    """Streaming statistics of one row over columns [0, v_lim), BLOCK_V at a time: maxima, first
+    argmax, exp sums relative to the running maxima, teacher KL partials, label logits."""
+    NEG: tl.constexpr = float("-inf")
+    cols0 = tl.arange(0, BLOCK_V)
+    ninf = tl.full([], NEG, tl.float32)
+    zero = tl.full([], 0.0, tl.float32)
+    izero = tl.full([], 0, tl.int32)
+    zb, z_arg, s_st, s_s1, z_y = ninf, izero, zero, zero, zero
+    ob, o_arg, s_o, a_o, s_o1, o_y = ninf, izero, zero, zero, zero, zero
+    wb, w_arg, s_w, a_w, s_w1, w_y = ninf, izero, zero, zero, zero, zero
+    for start in range(0, v_lim, BLOCK_V):
+        cols = start + cols0
+        cm = cols < V
+        z = tl.load(z_row + cols, mask=cm, other=NEG).to(tl.float32)
+        o = tl.load(o_row + cols, mask=cm, other=NEG).to(tl.float32)
+        zb, z_arg, s_st, s_s1, z_y = _student_step(
+            z, cols, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
+        ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
+            o, z, cols, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
+        if HAS_NEW:
+            w = tl.load(w_row + cols, mask=cm, other=NEG).to(tl.float32)
+            wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
+                w, z, cols, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
+    return zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w
+
+
+@triton.jit
 def _grad_block(z, t, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
                 HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
     if HAS_KL:
@@ -114,19 +143,8 @@ def _compat_loss_kernel(
             wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
                 w, z, cols0, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
     else:
-        for start in range(0, v_lim, BLOCK_V):
-            cols = start + cols0
-            cm = cols < V
-            z = tl.load(z_row + cols, mask=cm, other=NEG).to(tl.float32)
-            o = tl.load(o_row + cols, mask=cm, other=NEG).to(tl.float32)
-            zb, z_arg, s_st, s_s1, z_y = _student_step(
-                z, cols, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
-            ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
-                o, z, cols, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
-            if HAS_NEW:
-                w = tl.load(w_row + cols, mask=cm, other=NEG).to(tl.float32)
-                wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
-                    w, z, cols, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
+        (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w,
+         a_w) = _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V, HAS_NEW, OLD_AT_ONE)
 
     nan = float("nan")
     z_y = tl.where(y_ok, z_y, nan)
@@ -247,29 +265,9 @@ def _compat_partials_kernel(
     y = tl.load(y_ptr + row)
     active = y != ignore_index
     own = (y >= 0) & (y < V)
-    cols0 = tl.arange(0, BLOCK_V)
-    NEG: tl.constexpr = float("-inf")
-
-    ninf = tl.full([], NEG, tl.float32)
-    zero = tl.full([], 0.0, tl.float32)
-    izero = tl.full([], 0, tl.int32)
-    zb, z_arg, s_st, s_s1, z_y = ninf, izero, zero, zero, zero
-    ob, o_arg, s_o, a_o, s_o1, o_y = ninf, izero, zero, zero, zero, zero
-    wb, w_arg, s_w, a_w, s_w1, w_y = ninf, izero, zero, zero, zero, zero
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
-    for start in range(0, v_lim, BLOCK_V):
-        cols = start + cols0
-        cm = cols < V
-        z = tl.load(z_row + cols, mask=cm, other=NEG).to(tl.float32)
-        o = tl.load(o_row + cols, mask=cm, other=NEG).to(tl.float32)
-        zb, z_arg, s_st, s_s1, z_y = _student_step(
-            z, cols, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
-        ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
-            o, z, cols, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
-        if HAS_NEW:
-            w = tl.load(w_row + cols, mask=cm, other=NEG).to(tl.float32)
-            wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
-                w, z, cols, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
+    (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w,
+     a_w) = _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V, HAS_NEW, OLD_AT_ONE)
 
     # a label that is not this slice's may have matched a masked column past V: drop it
     z_y = tl.where(own, z_y, 0.0)
