@@ -355,6 +355,29 @@ struct Buffers {
   alignas(64) float g[CH];
 };
 
+// One pass over a row's columns, chunk by chunk: the student's and each given teacher's stream
+// (max, first argmax, label value, exp sums relative to the running max, KL partial A).
+void stream_row(const Operand& z, const Operand& o, const Operand& w, int64_t zoff,
+                int64_t ooff, int64_t woff, int64_t V, int64_t y, float k, int vz, int vo,
+                Buffers& buf, Stream& Z, Stream& O, Stream& W) {
+  for (int64_t c0 = 0; c0 < V; c0 += CH) {
+    const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
+    const float* xz = load(z.data, z.dtype, zoff + c0, n, buf.z);
+    Z.observe(xz, n, c0, y, k);
+    sum_student_v(vz, xz, n, Z.ref(), k, Z);
+    if (o.data) {
+      const float* xo = load(o.data, o.dtype, ooff + c0, n, buf.o);
+      O.observe(xo, n, c0, y, k);
+      sum_teacher_v(vo, xo, xz, n, O.ref(), k, O);
+    }
+    if (w.data) {
+      const float* xw = load(w.data, w.dtype, woff + c0, n, buf.w);
+      W.observe(xw, n, c0, y, k);
+      sum_teacher_v(0, xw, xz, n, W.ref(), k, W);
+    }
+  }
+}
+
 void row(const RowArgs& a, int64_t i, Buffers& buf) {
   const int64_t V = a.V;
   const int64_t b = i / a.T, tt = i % a.T;
@@ -376,22 +399,7 @@ void row(const RowArgs& a, int64_t i, Buffers& buf) {
   const int64_t woff = b * a.w.s0 + tt * a.w.s1;
 
   Stream Z, O, W;
-  for (int64_t c0 = 0; c0 < V; c0 += CH) {
-    const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
-    const float* xz = load(a.z.data, a.z.dtype, zoff + c0, n, buf.z);
-    Z.observe(xz, n, c0, y, k);
-    sum_student_v(vz, xz, n, Z.ref(), k, Z);
-    if (has_o) {
-      const float* xo = load(a.o.data, a.o.dtype, ooff + c0, n, buf.o);
-      O.observe(xo, n, c0, y, k);
-      sum_teacher_v(vo, xo, xz, n, O.ref(), k, O);
-    }
-    if (has_w) {
-      const float* xw = load(a.w.data, a.w.dtype, woff + c0, n, buf.w);
-      W.observe(xw, n, c0, y, k);
-      sum_teacher_v(0, xw, xz, n, W.ref(), k, W);
-    }
-  }
+  stream_row(a.z, a.o, a.w, zoff, ooff, woff, V, y, k, vz, vo, buf, Z, O, W);
 
   const double lse_zT = Z.lse(k), lse_z1 = Z.lse1();
   const double ce = lse_z1 - static_cast<double>(Z.lab);  // NaN for a bad label
@@ -478,22 +486,7 @@ void partials_row(const PartialArgs& a, int64_t i, Buffers& buf) {
   const int64_t woff = b * a.w.s0 + tt * a.w.s1;
 
   Stream Z, O, W;
-  for (int64_t c0 = 0; c0 < V; c0 += CH) {
-    const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
-    const float* xz = load(a.z.data, a.z.dtype, zoff + c0, n, buf.z);
-    Z.observe(xz, n, c0, y, k);
-    sum_student_v(vz, xz, n, Z.ref(), k, Z);
-    if (has_o) {
-      const float* xo = load(a.o.data, a.o.dtype, ooff + c0, n, buf.o);
-      O.observe(xo, n, c0, y, k);
-      sum_teacher_v(vo, xo, xz, n, O.ref(), k, O);
-    }
-    if (has_w) {
-      const float* xw = load(a.w.data, a.w.dtype, woff + c0, n, buf.w);
-      W.observe(xw, n, c0, y, k);
-      sum_teacher_v(0, xw, xz, n, W.ref(), k, W);
-    }
-  }
+  stream_row(a.z, a.o, a.w, zoff, ooff, woff, V, y, k, vz, vo, buf, Z, O, W);
 
   // argmax as float: exact because validate() bounds V by 2^24
   p[0] = Z.m;
