@@ -25,8 +25,6 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .reference import sequence_likelihood_mask  # noqa: F401  (re-exported for callers)
-
 N_PARTIALS = 15
 N_ROW_CONSTS = 8
 # columns of the partials tensor
