@@ -12,6 +12,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .vocab_parallel import N_PARTIALS, N_ROW_CONSTS
+
 try:
     from muscle_fast import _native
 except ImportError as exc:  # built without a compiler, or a broken build
@@ -145,7 +147,7 @@ def compat_partials_native(
     ids (README.md, "Vocabulary parallel")."""
     logits, old_logits, new_logits = _check_slice(logits, labels, old_logits, new_logits)
     B, T, V = logits.shape
-    partials = torch.empty(B * T, 15, dtype=torch.float32)
+    partials = torch.empty(B * T, N_PARTIALS, dtype=torch.float32)
     if B * T == 0:
         return partials
     z = _operand(logits, "logits")
@@ -185,7 +187,8 @@ def compat_grad_rows_native(
     grad = _as3d(grad)
     B, T, V = logits.shape
     assert grad.shape == logits.shape and grad.dtype == logits.dtype
-    assert consts.dtype == torch.float32 and consts.is_contiguous() and consts.shape == (B * T, 8)
+    assert consts.dtype == torch.float32 and consts.is_contiguous()
+    assert consts.shape == (B * T, N_ROW_CONSTS)
     assert consts.device.type == "cpu", "consts must be on the CPU"
     if B * T == 0:
         return

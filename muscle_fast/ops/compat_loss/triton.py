@@ -7,8 +7,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .vocab_parallel import N_PARTIALS, N_ROW_CONSTS
+
 N_ROW_STATS = 9
-N_PARTIALS = 15  # vocabulary parallel: partial statistics per row
 # A row whose vocabulary fits in one block of at most this many columns is read once and kept in
 # registers; longer rows are streamed in LOOP_BLOCK_V columns and read twice.
 MAX_FUSED_BLOCK_V = 8192
@@ -271,7 +272,7 @@ def _compat_partials_kernel(
 
     # a label that is not this slice's may have matched a masked column past V: drop it
     z_y = tl.where(own, z_y, 0.0)
-    out = out_ptr + row * 15
+    out = out_ptr + row * 15  # N_PARTIALS columns
     tl.store(out + 0, tl.where(active, zb, 0.0))
     tl.store(out + 1, tl.where(active, z_arg.to(tl.float32), 0.0))
     tl.store(out + 2, tl.where(active, s_st, 0.0))
@@ -326,7 +327,7 @@ def _compat_grad_rows_kernel(
     w_row = w_ptr + b * w_sb + tok * w_st
     g_row = g_ptr + b * g_sb + tok * g_st
     y = tl.load(y_ptr + row)
-    c = c_ptr + row * 8
+    c = c_ptr + row * 8  # N_ROW_CONSTS columns
     zs = tl.load(c + 0)
     log_st = tl.log(tl.load(c + 1))
     log_s1 = tl.log(tl.load(c + 2))
@@ -495,7 +496,7 @@ def compat_grad_rows_triton(
     if n == 0:
         return
     if consts.dtype != torch.float32 or not consts.is_contiguous():
-        raise ValueError("consts must be a contiguous float32 [B*T, 8] tensor")
+        raise ValueError(f"consts must be a contiguous float32 [B*T, {N_ROW_CONSTS}] tensor")
     _, block = _blocks(V)
     w = new_logits if new_logits is not None else old_logits
     _compat_grad_rows_kernel[(n,)](

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 N_PARTIALS = 15
@@ -114,12 +115,7 @@ def compat_grad_rows_torch(
 # ------------------------------------------------------------------ combination across ranks
 
 
-def _dist():
-    return torch.distributed
-
-
 def _group_size(group) -> int:
-    dist = _dist()
     if not (dist.is_available() and dist.is_initialized()):
         return 1
     return dist.get_world_size(group)
@@ -140,7 +136,7 @@ def vocab_shards(group, vocab_local: int, vocab_start: Optional[int], device) ->
         table = [mine.tolist()]
     else:
         parts = [torch.empty_like(mine) for _ in range(world)]
-        _dist().all_gather(parts, mine, group=group)
+        dist.all_gather(parts, mine, group=group)
         table = torch.stack(parts).tolist()
     given = [start != -1 for start, _ in table]
     sizes = [size for _, size in table]
@@ -149,7 +145,7 @@ def vocab_shards(group, vocab_local: int, vocab_start: Optional[int], device) ->
                          f"got (vocab_start, V_local) per rank: {table}")
     total = sum(sizes)
     if not any(given):
-        rank = 0 if world == 1 else _dist().get_rank(group)
+        rank = 0 if world == 1 else dist.get_rank(group)
         start = sum(sizes[:rank])
     else:
         start = int(vocab_start)
@@ -185,10 +181,12 @@ class VocabParallel:
         self.group, self.vocab_start = group, int(vocab_start)
         self.world = _group_size(group)
 
-    def _all_reduce(self, x: Tensor, op, async_op=False):
+    def _all_reduce(self, x: Tensor, op: str, async_op: bool = False):
+        """In place over the group (op: "MAX", "SUM", "MIN"); nothing to do on one rank."""
         if self.world == 1:
             return None
-        return _dist().all_reduce(x, op=op, group=self.group, async_op=async_op)
+        return dist.all_reduce(x, op=getattr(dist.ReduceOp, op), group=self.group,
+                               async_op=async_op)
 
     def __call__(self, logits, labels, old_logits, new_logits, mask, grad, scale, *, mask_mode,
                  inv_temperature, kl_weight, ce_weight, ignore_index, old_label_logprob) -> Tensor:
@@ -212,13 +210,11 @@ class VocabParallel:
 
     def _combine(self, p, labels, valid, owned, has_new, mask_mode, mask, scale, k, kl_weight,
                  ce_weight, old_at_one):
-        dist = _dist()
-        ops = dist.ReduceOp if self.world > 1 else None
         max_cols = [Z_MAX, O_MAX] + ([W_MAX] if has_new else [])
         local_max = p[:, max_cols]
         # 1. the global maxima
         gmax = local_max.clone()
-        self._all_reduce(gmax, ops and ops.MAX)
+        self._all_reduce(gmax, "MAX")
         # 2. argmax candidates (lowest global index among the slices holding the maximum) and the
         #    sums rescaled from this slice's reference to the global one; reduced concurrently
         # int32 is exact: vocab_shards keeps the vocabulary below 2**24
@@ -234,8 +230,7 @@ class VocabParallel:
         if has_new:
             cols += [p[:, W_S] * f_k[:, 2], p[:, W_A] * f_k[:, 2]]
         sums = torch.stack(cols, 1)
-        works = [self._all_reduce(sums, ops and ops.SUM, True),
-                 self._all_reduce(cand, ops and ops.MIN, True)]
+        works = [self._all_reduce(sums, "SUM", True), self._all_reduce(cand, "MIN", True)]
         for w in works:
             if w is not None:
                 w.wait()
@@ -290,8 +285,7 @@ def _finalize(sums, arg, ref, labels, valid, has_new, old_at_one, mask_mode, mas
     sel = torch.where(valid, sel, -1).to(f)
     one = torch.ones((), dtype=f, device=sums.device)
     tref = torch.where(to_old, os_, ref[:, 2] if has_new else zero)
-    s_tt = torch.where(to_old, s_o, s_w if has_new else one)
-    s_tt = torch.where(sel == 0, one, s_tt)
+    s_tt = torch.where(to_old, s_o, s_w if has_new else one)  # 1 where no teacher is selected
     scale = scale.to(f)
     c_kl = torch.where(sel > 0, kl_weight * k * scale, zero) if kl_weight != 0 else zero.expand_as(ce)
     c_ce = (ce_weight * scale).expand_as(ce)
