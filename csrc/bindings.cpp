@@ -152,6 +152,17 @@ void check_test_args(uintptr_t src, uintptr_t dst, int64_t n) {
 
 PYBIND11_MODULE(_native, m) {
   m.doc() = "muscle_fast native CPU kernels (pointer-level API; use muscle_fast.ops.compat_loss.native)";
+  // The row contract's numbers, compared with muscle_fast/ops/compat_loss/contract.py at import.
+  m.attr("N_STATS") = static_cast<int>(mf::kStatCols);
+  m.attr("N_PARTIALS") = static_cast<int>(mf::kPartialCols);
+  m.attr("N_ROW_CONSTS") = static_cast<int>(mf::kRowConsts);
+  py::dict modes;
+  modes["GIVEN"] = static_cast<int>(mf::kMaskGiven);
+  modes["MUSCLE"] = static_cast<int>(mf::kMuscle);
+  modes["OLD_CORRECT"] = static_cast<int>(mf::kOldCorrect);
+  modes["TOKEN_LIKELIHOOD"] = static_cast<int>(mf::kTokenLikelihood);
+  modes["ALL_OLD"] = static_cast<int>(mf::kAllOld);
+  m.attr("MASK_MODES") = modes;
   m.def("compat_loss_rows", &compat_loss_rows, py::arg("B"), py::arg("T"), py::arg("V"),
         py::arg("logits"), py::arg("logits_dtype"), py::arg("logits_strides"), py::arg("labels"),
         py::arg("old_logits"), py::arg("old_dtype"), py::arg("old_strides"), py::arg("new_logits"),

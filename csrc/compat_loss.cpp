@@ -423,15 +423,15 @@ void row(const RowArgs& a, int64_t i, Buffers& buf) {
   if (ce_on) loss += static_cast<double>(a.ce_w) * ce;
   if (bad) loss = kNaN;
 
-  st[0] = static_cast<float>(loss);
-  st[1] = m ? 1.0f : 0.0f;
-  st[2] = Z.arg == y ? 1.0f : 0.0f;
-  st[3] = has_o && O.arg == y ? 1.0f : 0.0f;
-  st[4] = has_w && W.arg == y ? 1.0f : 0.0f;
-  st[5] = static_cast<float>(kl_old);
-  st[6] = static_cast<float>(kl_new);
-  st[7] = static_cast<float>(ce);
-  st[8] = static_cast<float>(old_logp);
+  st[kLoss] = static_cast<float>(loss);
+  st[kToOld] = m ? 1.0f : 0.0f;
+  st[kHitStudent] = Z.arg == y ? 1.0f : 0.0f;
+  st[kHitOld] = has_o && O.arg == y ? 1.0f : 0.0f;
+  st[kHitNew] = has_w && W.arg == y ? 1.0f : 0.0f;
+  st[kKlOld] = static_cast<float>(kl_old);
+  st[kKlNew] = static_cast<float>(kl_new);
+  st[kCe] = static_cast<float>(ce);
+  st[kOldLogp] = static_cast<float>(old_logp);
 
   if (!a.g) return;
   if (bad) {
@@ -489,26 +489,26 @@ void partials_row(const PartialArgs& a, int64_t i, Buffers& buf) {
   stream_row(a.z, a.o, a.w, zoff, ooff, woff, V, y, k, vz, vo, buf, Z, O, W);
 
   // argmax as float: exact because validate() bounds V by 2^24
-  p[0] = Z.m;
-  p[1] = static_cast<float>(Z.arg);
-  p[2] = static_cast<float>(Z.s);
-  p[3] = static_cast<float>(Z.s1);
-  p[4] = owned ? Z.lab : 0.0f;
+  p[kZMax] = Z.m;
+  p[kZArg] = static_cast<float>(Z.arg);
+  p[kZSt] = static_cast<float>(Z.s);
+  p[kZS1] = static_cast<float>(Z.s1);
+  p[kZY] = owned ? Z.lab : 0.0f;
   if (has_o) {
-    p[5] = O.m;
-    p[6] = static_cast<float>(O.arg);
-    p[7] = static_cast<float>(O.s);
-    p[8] = static_cast<float>(O.A);
+    p[kOMax] = O.m;
+    p[kOArg] = static_cast<float>(O.arg);
+    p[kOS] = static_cast<float>(O.s);
+    p[kOA] = static_cast<float>(O.A);
     if (a.old_at_one) {
-      p[9] = static_cast<float>(O.s1);
-      p[10] = owned ? O.lab : 0.0f;
+      p[kOS1] = static_cast<float>(O.s1);
+      p[kOY] = owned ? O.lab : 0.0f;
     }
   }
   if (has_w) {
-    p[11] = W.m;
-    p[12] = static_cast<float>(W.arg);
-    p[13] = static_cast<float>(W.s);
-    p[14] = static_cast<float>(W.A);
+    p[kWMax] = W.m;
+    p[kWArg] = static_cast<float>(W.arg);
+    p[kWS] = static_cast<float>(W.s);
+    p[kWA] = static_cast<float>(W.A);
   }
 }
 
@@ -518,7 +518,7 @@ void grad_rows_row(const GradRowsArgs& a, int64_t i, Buffers& buf) {
   const int64_t V = a.V;
   const int64_t b = i / a.T, tt = i % a.T;
   const float* c = a.consts + i * kRowConsts;
-  const float sel = c[7];
+  const float sel = c[kSel];
   const int64_t goff = b * a.g_s0 + tt * a.g_s1;
   if (sel == -1.0f) {
     fill(a.g, a.z.dtype, goff, V, 0.0f);
@@ -534,14 +534,14 @@ void grad_rows_row(const GradRowsArgs& a, int64_t i, Buffers& buf) {
 
   // no special case for NaN coefficients: c_kl or c_ce NaN turns its term, hence the row, NaN
   GradCoef g{};
-  g.zref = c[0];
+  g.zref = c[kZRef];
   g.k = k;
-  g.rzT = static_cast<float>(1.0 / static_cast<double>(c[1]));
-  g.c1 = static_cast<float>(static_cast<double>(c[6]) / static_cast<double>(c[2]));
-  g.tref = c[3];
-  g.rt = static_cast<float>(1.0 / static_cast<double>(c[4]));
-  g.akl = c[5];
-  const float ce_scale = c[6];
+  g.rzT = static_cast<float>(1.0 / static_cast<double>(c[kSt]));
+  g.c1 = static_cast<float>(static_cast<double>(c[kCCe]) / static_cast<double>(c[kS1]));
+  g.tref = c[kTRef];
+  g.rt = static_cast<float>(1.0 / static_cast<double>(c[kStt]));
+  g.akl = c[kCKl];
+  const float ce_scale = c[kCCe];
   for (int64_t c0 = 0; c0 < V; c0 += CH) {
     const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
     const float* xz = load(a.z.data, a.z.dtype, zoff + c0, n, buf.z);
@@ -669,7 +669,7 @@ const char* validate(const GradRowsArgs& a) {
   // sel decides which teacher row is read: checked here so that no row reads a missing operand
   const int64_t N = a.B * a.T;
   for (int64_t i = 0; i < N; ++i) {
-    const float sel = a.consts[i * kRowConsts + 7];
+    const float sel = a.consts[i * kRowConsts + kSel];
     if (!(sel == -1.0f || sel == 0.0f || sel == 1.0f || sel == 2.0f))
       return "consts[:, 7] (sel) must be -1, 0, 1 or 2";
     if (a.has_kl && sel == 1.0f && !a.o.data) return "a row with sel == 1 needs old_logits";

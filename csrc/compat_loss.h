@@ -13,9 +13,17 @@ namespace mf {
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 enum MaskMode : int { kMaskGiven = 0, kMuscle = 1, kOldCorrect = 2, kTokenLikelihood = 3, kAllOld = 4 };
 
-constexpr int kStatCols = 9;
-constexpr int kPartialCols = 15;  // vocabulary parallel: partial statistics per row
-constexpr int kRowConsts = 8;     // vocabulary parallel: gradient constants per row
+// Column names of the three per-row tensors (contract.py's Stat, Partial, RowConst).
+enum StatCol : int {
+  kLoss = 0, kToOld, kHitStudent, kHitOld, kHitNew, kKlOld, kKlNew, kCe, kOldLogp, kStatCols
+};
+// vocabulary parallel: partial statistics per row
+enum PartialCol : int {
+  kZMax = 0, kZArg, kZSt, kZS1, kZY, kOMax, kOArg, kOS, kOA, kOS1, kOY, kWMax, kWArg, kWS, kWA,
+  kPartialCols
+};
+// vocabulary parallel: gradient constants per row
+enum RowConstCol : int { kZRef = 0, kSt, kS1, kTRef, kStt, kCKl, kCCe, kSel, kRowConsts };
 
 struct Operand {           // a [B, T, V] tensor with stride(-1) == 1
   const void* data = nullptr;
