@@ -1,14 +1,17 @@
-"""The one place a backend is chosen: ``impl=`` argument, then ``MUSCLE_FAST_IMPL``, then automatic."""
+"""The one place a backend is chosen: ``impl=`` argument, then ``MUSCLE_FAST_IMPL``, then automatic.
+
+This module only picks a backend *name*; ``ops/compat_loss/backends.py`` maps a name to kernels.
+"""
 from __future__ import annotations
 
 import functools
 import logging
 import os
-from typing import Callable, Dict, NamedTuple, Tuple
+from typing import Dict, NamedTuple
 
 import torch
 
-IMPLS = ("triton", "native", "torch")
+from .ops.compat_loss.backends import NAMES as IMPLS
 ENV_VAR = "MUSCLE_FAST_IMPL"
 logger = logging.getLogger("muscle_fast")
 
@@ -95,7 +98,8 @@ def choose_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
             raise TypeError(f"{source}{impl!r} does not take float64 logits; use impl='torch'")
         status = _status(impl, device)
         if not status.available:
-            raise RuntimeError(f"{source}{impl!r} cannot run here: {status.reason}")
+            # an explicit request that cannot be met is a bad argument for these tensors
+            raise ValueError(f"{source}{impl!r} cannot run here: {status.reason}")
         return impl
     if dtype == torch.float64:
         return "torch"
@@ -108,51 +112,3 @@ def choose_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
         return preferred
     _say_once(f"muscle_fast: impl={preferred!r} unavailable ({status.reason}); using impl='torch'")
     return "torch"
-
-
-def launcher(impl: str) -> Callable:
-    """The row-kernel launcher of a fused backend (contract: ops/compat_loss/README.md)."""
-    if impl == "triton":
-        from .ops.compat_loss.triton import compat_loss_triton
-
-        return compat_loss_triton
-    if impl == "native":
-        from .ops.compat_loss.native import compat_loss_native
-
-        return compat_loss_native
-    raise ValueError(f"impl={impl!r} has no row kernel")
-
-
-def vocab_parallel_kernels(impl: str) -> Tuple[Callable, Callable]:
-    """``(compat_partials_<impl>, compat_grad_rows_<impl>)``: the two kernels of the vocabulary
-    parallel loss (contract: ops/compat_loss/README.md, "Vocabulary parallel")."""
-    if impl == "triton":
-        from .ops.compat_loss.triton import compat_grad_rows_triton, compat_partials_triton
-
-        return compat_partials_triton, compat_grad_rows_triton
-    if impl == "native":
-        from .ops.compat_loss.native import compat_grad_rows_native, compat_partials_native
-
-        return compat_partials_native, compat_grad_rows_native
-    if impl == "torch":
-        from .ops.compat_loss.vocab_parallel import compat_grad_rows_torch, compat_partials_torch
-
-        return compat_partials_torch, compat_grad_rows_torch
-    raise ValueError(f"impl={impl!r} is not one of {IMPLS}")
-
-
-def grad_scaler(device: torch.device) -> Callable:
-    """``f(grad, grad_output)``: grad *= grad_output in place, with no work where it is 1."""
-    if device.type == "cuda":
-        from .ops.compat_loss.triton import scale_rows_triton
-
-        return scale_rows_triton
-    return _scale_rows_host
-
-
-def _scale_rows_host(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
-    # CPU tensors: reading the upstream gradient is not a device sync
-    if bool((grad_output == 1).all()):
-        return
-    go = grad_output.to(torch.float32)
-    grad.mul_(go.reshape(grad.shape[:-1] + (1,)) if go.dim() > 0 else go)

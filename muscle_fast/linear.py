@@ -2,47 +2,20 @@
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple, Optional, Union
+from typing import Optional, Union
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from . import _dispatch
-from .loss import (
-    FLOAT_DTYPES,
-    _check_float_tensor,
-    check_options,
-    check_values,
-    fused_compat_loss,
-    sequence_mask_from_rows,
-    vocab_parallel_launcher,
+from . import _orchestrator
+from ._checks import (
+    check_flag, check_float_dtype, check_options, check_same_device, check_teacher_logits,
 )
-from .ops.compat_loss.function import MASK_MODES, MASK_TENSOR, stats_from_rows
-from .ops.linear_compat_loss.function import (
-    LinearCompatLossFunction, default_chunk_size, linear_pass,
-)
-
-
-class _Teacher(NamedTuple):
-    hidden: Optional[Tensor]  # [N, H'] (detached), or None when logits are given
-    weight: Optional[Tensor]  # [V, H']
-    bias: Optional[Tensor]  # [V]
-    logits: Optional[Tensor]  # [N, V]
-
-    def full_logits(self, lead) -> Tensor:
-        if self.logits is not None:
-            return self.logits.reshape(*lead, -1)
-        return F.linear(self.hidden, self.weight, self.bias).reshape(*lead, -1)
+from .ops.linear_compat_loss.function import LinearRows, Teacher
 
 
 def _check_float(name: str, x, device) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+    check_float_dtype(name, x)
+    check_same_device(name, x, device, "hidden")
 
 
 def _check_head(prefix: str, hidden, weight, bias, lead, vocab: Optional[int], device):
@@ -70,12 +43,12 @@ def _check_head(prefix: str, hidden, weight, bias, lead, vocab: Optional[int], d
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias
 
 
-def _check_teacher(name: str, hidden, weight, bias, logits, lead, vocab, device) -> Optional[_Teacher]:
+def _check_teacher(name: str, hidden, weight, bias, logits, lead, vocab, device) -> Optional[Teacher]:
     if logits is not None:
         if hidden is not None or weight is not None or bias is not None:
             raise ValueError(f"give {name}_logits or ({name}_hidden, {name}_weight), not both")
-        _check_float_tensor(f"{name}_logits", logits, lead, vocab, device)
-        return _Teacher(None, None, None, logits.reshape(-1, vocab))
+        check_teacher_logits(f"{name}_logits", logits, lead, vocab, device)
+        return Teacher(None, None, None, logits.reshape(-1, vocab))
     if hidden is None and weight is None:
         if bias is not None:
             raise ValueError(f"{name}_bias was given without {name}_hidden and {name}_weight")
@@ -86,7 +59,7 @@ def _check_teacher(name: str, hidden, weight, bias, logits, lead, vocab, device)
                          f"or {name}_logits")
     h, w, b = _check_head(f"{name}_", hidden, weight, bias, lead, vocab, device)
     # Teachers are frozen: whatever their requires_grad, they get no gradient.
-    return _Teacher(h.detach(), w.detach(), None if b is None else b.detach(), None)
+    return Teacher(h.detach(), w.detach(), None if b is None else b.detach(), None)
 
 
 def fused_linear_compat_loss(
@@ -179,7 +152,7 @@ def fused_linear_compat_loss(
     if hidden.dim() not in (2, 3):
         raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
     device, lead = hidden.device, hidden.shape[:-1]
-    h2, weight, bias = _check_head("", hidden, weight, bias, lead, None, device)
+    _, weight, bias = _check_head("", hidden, weight, bias, lead, None, device)
     vocab = weight.shape[0]
     if vocab == 0:
         raise ValueError("weight has an empty vocabulary dimension")
@@ -191,56 +164,18 @@ def fused_linear_compat_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or
                                    not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return_stats = check_flag("return_stats", return_stats)
+    validate = check_flag("validate", validate)
     opts = check_options(
         labels, lead, device, has_new=new is not None, mask=mask, temperature=temperature,
         kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
         num_items=num_items, sequence_ids=sequence_ids)
-    impl = _dispatch.choose_impl(impl, device, hidden.dtype)
-    teacher_tensors = [t for tt in (old, new) if tt is not None for t in tt if t is not None]
-    if impl != "torch" and any(t.dtype == torch.float64 for t in teacher_tensors):
-        raise TypeError(f"impl={impl!r} takes float32/bfloat16/float16 teachers, got float64")
-    vp = None
-    if process_group is not None or vocab_start is not None:
-        vp, vocab = vocab_parallel_launcher(impl, process_group, vocab_start, vocab, validate,
-                                            device)
-    if validate:
-        check_values(opts, vocab)
-
-    if impl == "torch" and vp is None:
-        with torch.no_grad():
-            old_full = old.full_logits(lead)
-            new_full = None if new is None else new.full_logits(lead)
-        return fused_compat_loss(
-            F.linear(hidden, weight, bias), labels, old_full, new_full, mask=mask,
-            temperature=temperature, kl_weight=kl_weight, ce_weight=ce_weight,
-            ignore_index=ignore_index, reduction=reduction, num_items=num_items,
-            sequence_ids=sequence_ids, impl="torch", return_stats=return_stats, validate=False)
-
-    n = h2.shape[0]
-    n_gemm = 1 + sum(t is not None and t.logits is None for t in (old, new))
-    chunk = int(chunk_size) if chunk_size is not None else default_chunk_size(n, vocab, n_gemm, device)
-    none4 = (None, None, None, None)
-    old_args = tuple(old)
-    new_args = none4 if new is None else tuple(new)
-    if mask == "sequence_likelihood":
-        rows, *_ = linear_pass(
-            vp, (h2.detach(), weight.detach(), None if bias is None else bias.detach(),
-                 opts.labels, *old_args, *none4, None, opts.scale), None,
-            (impl, MASK_MODES["all_old"], opts.inv_temperature, 0.0, 0.0, opts.ignore_index,
-             True, chunk), (False, False, False))
-        mask_mode, m = MASK_TENSOR, sequence_mask_from_rows(rows, opts)
-    else:
-        mask_mode, m = opts.mask_mode, opts.mask
-
-    loss, rows = LinearCompatLossFunction.apply(
-        h2, weight, bias, opts.labels, *old_args, *new_args, m, opts.scale, impl, mask_mode,
-        opts.inv_temperature, opts.kl_weight, opts.ce_weight, opts.ignore_index, chunk, reduction,
-        vp)
-    if reduction == "none":
-        loss = loss.reshape(lead)
-    if not return_stats:
-        return loss
-    return loss, stats_from_rows(rows, opts.n_valid, new is not None)
+    teacher_dtypes = [t.dtype for tt in (old, new) if tt is not None for t in tt if t is not None]
+    return _orchestrator.run(
+        LinearRows(hidden, weight, bias, old, new, chunk_size), opts, impl=impl, device=device,
+        dtype=hidden.dtype, teacher_dtypes=teacher_dtypes, vocab=vocab,
+        process_group=process_group, vocab_start=vocab_start, validate=validate,
+        return_stats=return_stats, has_new=new is not None)
 
 
 __all__ = ["fused_linear_compat_loss"]

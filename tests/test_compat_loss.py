@@ -489,7 +489,7 @@ def test_unavailable_explicit_impl_raises_with_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     logits, labels, old, new = make_inputs((3,), 9)
     if DEVICE.type == "cpu":
-        with pytest.raises(RuntimeError, match="cannot run here: triton runs on CUDA"):
+        with pytest.raises(ValueError, match="cannot run here: triton runs on CUDA"):
             mf.fused_compat_loss(logits, labels, old, new, impl="triton")
 
 

@@ -12,14 +12,15 @@ import torch
 
 from conftest import assert_pass_rule, max_err
 from muscle_fast import available_impls
-from muscle_fast._dispatch import vocab_parallel_kernels
-from muscle_fast.ops.compat_loss.vocab_parallel import (
-    IGNORED, NOT_OWNED, compat_grad_rows_torch, compat_partials_torch,
-)
+from muscle_fast.ops.compat_loss.backends import backend
+from muscle_fast.ops.compat_loss.contract import Partial
+from muscle_fast.ops.compat_loss.torch_kernels import compat_grad_rows_torch, compat_partials_torch
+from muscle_fast.ops.compat_loss.vocab_parallel import IGNORED, NOT_OWNED
 
 IMPLS = [i for i in ("torch", "native", "triton") if available_impls("cpu")[i].available]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-EXACT_COLS = (0, 1, 5, 6, 11, 12)  # maxima and argmax indices
+EXACT_COLS = (Partial.Z_MAX, Partial.Z_ARG, Partial.O_MAX, Partial.O_ARG, Partial.W_MAX,
+              Partial.W_ARG)  # maxima and argmax indices
 # (V, slice): a slice in the middle, the whole row, and one long enough for Triton's loop path
 SHAPES = ((37, (5, 29)), (300, (0, 300)), (9000, (100, 8800)))
 B, T = 2, 4
@@ -71,7 +72,7 @@ def test_partials(impl, dtype, shape, has_new, old_at_one, _):
     w = w if has_new else None
     y = _local(labels, a, b)
     zs, os_, ws = _slices((z, o, w), a, b)
-    partials, _ = vocab_parallel_kernels(impl)
+    partials = backend(impl).partials
     kw = dict(inv_temperature=K, ignore_index=IGNORED, old_at_one=old_at_one)
     got = partials(zs, y, os_, ws, **kw)
     ref = compat_partials_torch(*(None if x is None else x.double() for x in (zs,)), y,
@@ -118,7 +119,7 @@ def test_grad_rows(impl, dtype, shape, has_kl, has_ce, inplace):
     consts32 = consts64.float()
     y = _local(labels, a, b)
     zs, os_, ws = _slices((z, o, w), a, b)
-    _, grad_rows = vocab_parallel_kernels(impl)
+    grad_rows = backend(impl).grad_rows
     kw = dict(inv_temperature=K, has_kl=has_kl, has_ce=has_ce)
     zin = zs.clone()
     got = zin if inplace else torch.full_like(zs, 7.0)

@@ -6,7 +6,7 @@ exports the same numbers from ``csrc/compat_loss.h`` and ``native.py`` compares 
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from torch import Tensor
 
@@ -91,3 +91,16 @@ def as_rows_3d(x: Optional[Tensor]) -> Optional[Tensor]:
         return None
     x = x if x.stride(-1) == 1 else x.contiguous()
     return x.unsqueeze(0) if x.dim() == 2 else x
+
+
+class KernelOptions(NamedTuple):
+    """The scalar options every row launch takes (keyword arguments of the row contract)."""
+
+    mask_mode: int
+    inv_temperature: float
+    kl_weight: float
+    ce_weight: float
+    ignore_index: int
+
+    def kwargs(self, old_label_logprob: bool = False) -> dict:
+        return dict(self._asdict(), old_label_logprob=old_label_logprob)

@@ -1,8 +1,11 @@
-"""Autograd and ``torch.library`` registration of the fused compat loss.
+"""Autograd and ``torch.library`` registration of the fused compat loss over logits.
 
 A row kernel (README.md) computes the per-row loss, statistics and, in the same launch, the
 already-scaled gradient of the reduced loss. The forward saves that gradient; the backward only
-multiplies it by the upstream gradient, on the device, skipping rows where that is exactly 1.
+multiplies it by the upstream gradient, skipping the pass where that is exactly 1.
+
+``LogitsRows`` is what the orchestrator (``muscle_fast._orchestrator``) runs for
+``fused_compat_loss``; ``ops/linear_compat_loss`` has the same three methods over hidden states.
 """
 from __future__ import annotations
 
@@ -11,11 +14,9 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ... import _dispatch
-from .reference import CompatStats
-
-MASK_MODES = {"muscle": 1, "old_correct": 2, "token_likelihood": 3, "all_old": 4}
-MASK_TENSOR = 0
+from .backends import backend
+from .contract import N_STATS, KernelOptions, MaskMode, Stat, as_rows_3d
+from .reference import CompatStats, compat_loss_reference
 
 
 @torch.library.custom_op("muscle_fast::compat_loss_rows", mutates_args=())
@@ -24,9 +25,9 @@ def compat_loss_rows(
     mask: Optional[Tensor], scale: Tensor, impl: str, mask_mode: int, inv_temperature: float,
     kl_weight: float, ce_weight: float, ignore_index: int, old_label_logprob: bool, with_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """Row stats [B*T, 9] and, when ``with_grad``, the gradient (else an empty tensor)."""
+    """Row stats [B*T, N_STATS] and, when ``with_grad``, the gradient (else an empty tensor)."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad else None
-    rows = _dispatch.launcher(impl)(
+    rows = backend(impl).rows(
         logits, labels, old_logits, new_logits, mask, grad, scale,
         mask_mode=mask_mode, inv_temperature=inv_temperature, kl_weight=kl_weight,
         ce_weight=ce_weight, ignore_index=ignore_index, old_label_logprob=old_label_logprob,
@@ -37,7 +38,7 @@ def compat_loss_rows(
 @compat_loss_rows.register_fake
 def _(logits, labels, old_logits, new_logits, mask, scale, impl, mask_mode, inv_temperature,
       kl_weight, ce_weight, ignore_index, old_label_logprob, with_grad):
-    rows = logits.new_empty((labels.numel(), 9), dtype=torch.float32)
+    rows = logits.new_empty((labels.numel(), N_STATS), dtype=torch.float32)
     return rows, logits.new_empty(logits.shape if with_grad else (0,))
 
 
@@ -48,7 +49,7 @@ def compat_loss_rows_inplace(
     kl_weight: float, ce_weight: float, ignore_index: int,
 ) -> Tensor:
     """Row stats; the gradient overwrites ``logits``."""
-    return _dispatch.launcher(impl)(
+    return backend(impl).rows(
         logits, labels, old_logits, new_logits, mask, logits, scale,
         mask_mode=mask_mode, inv_temperature=inv_temperature, kl_weight=kl_weight,
         ce_weight=ce_weight, ignore_index=ignore_index, old_label_logprob=False,
@@ -57,56 +58,71 @@ def compat_loss_rows_inplace(
 
 @compat_loss_rows_inplace.register_fake
 def _(logits, labels, *args):
-    return logits.new_empty((labels.numel(), 9), dtype=torch.float32)
+    return logits.new_empty((labels.numel(), N_STATS), dtype=torch.float32)
 
 
 @torch.library.custom_op("muscle_fast::scale_grad_", mutates_args=("grad",))
-def scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+def scale_grad_(grad: Tensor, grad_output: Tensor, impl: str) -> None:
     """grad *= grad_output (0-dim, or one value per row), with no work where it is exactly 1."""
-    _dispatch.grad_scaler(grad.device)(grad, grad_output)
+    backend(impl).scale(grad, grad_output)
 
 
 @scale_grad_.register_fake
-def _(grad, grad_output):
+def _(grad, grad_output, impl):
     return None
+
+
+def row_pass(impl: str, vocab_parallel, logits: Tensor, labels: Tensor, old_logits: Tensor,
+             new_logits: Optional[Tensor], mask: Optional[Tensor], scale: Tensor,
+             kopts: KernelOptions, grad_mode: str = "none", old_label_logprob: bool = False,
+             ) -> Tuple[Tensor, Optional[Tensor]]:
+    """One launch of the row kernel over [B, T, V] logits: ``(row stats, gradient or None)``.
+
+    ``grad_mode``: ``"none"``, ``"new"`` (a fresh gradient buffer) or ``"inplace"`` (the gradient
+    overwrites ``logits``). The single place that chooses between the ``torch.library`` op (one
+    device: traceable by ``torch.compile``) and ``vocab_parallel``'s launcher, whose collectives
+    cannot go through a custom op.
+    """
+    if vocab_parallel is not None:
+        grad = {"none": None, "inplace": logits}.get(grad_mode)
+        if grad_mode == "new":
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        rows = vocab_parallel(logits, labels, old_logits, new_logits, mask, grad, scale,
+                              **kopts.kwargs(old_label_logprob))
+        return rows, grad
+    # Under torch.compile the in-place variant would be functionalised into a copy anyway.
+    if grad_mode == "inplace" and not torch.compiler.is_compiling():
+        rows = torch.ops.muscle_fast.compat_loss_rows_inplace(
+            logits, labels, old_logits, new_logits, mask, scale, impl, *kopts)
+        return rows, logits
+    rows, grad = torch.ops.muscle_fast.compat_loss_rows(
+        logits, labels, old_logits, new_logits, mask, scale, impl, *kopts, old_label_logprob,
+        grad_mode != "none")
+    return rows, grad if grad_mode != "none" else None
+
+
+def reduce_rows(rows: Tensor, scale: Tensor, reduction: str) -> Tensor:
+    """The reduced loss from the row stats: ``"none"`` [N], ``"sum"``, ``"mean"`` (times scale)."""
+    loss = rows[:, Stat.LOSS]
+    if reduction == "none":
+        return loss.clone()
+    return loss.sum() if reduction == "sum" else loss.sum() * scale
 
 
 class CompatLossFunction(torch.autograd.Function):
     """Reduced loss and row stats from a fused row kernel; the backward reuses its gradient."""
 
     @staticmethod
-    def forward(ctx, logits, labels, old_logits, new_logits, mask, scale, impl, mask_mode,
-                inv_temperature, kl_weight, ce_weight, ignore_index, reduction, inplace,
-                launch=None):
+    def forward(ctx, logits, labels, old_logits, new_logits, mask, scale, impl, vocab_parallel,
+                kopts, reduction, inplace):
         with_grad = ctx.needs_input_grad[0]
-        if launch is not None:
-            # a launcher object with the row contract (vocab_parallel.VocabParallel): its
-            # collectives cannot go through a torch.library op
-            grad = ((logits if inplace else torch.empty(logits.shape, dtype=logits.dtype,
-                                                       device=logits.device))
-                    if with_grad else None)
-            rows = launch(logits, labels, old_logits, new_logits, mask, grad, scale,
-                          mask_mode=mask_mode, inv_temperature=inv_temperature,
-                          kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-                          old_label_logprob=False)
-        # Under torch.compile the in-place variant would be functionalised into a copy anyway.
-        elif with_grad and inplace and not torch.compiler.is_compiling():
-            rows = torch.ops.muscle_fast.compat_loss_rows_inplace(
-                logits, labels, old_logits, new_logits, mask, scale, impl, mask_mode,
-                inv_temperature, kl_weight, ce_weight, ignore_index)
-            grad = logits
-        else:
-            rows, grad = torch.ops.muscle_fast.compat_loss_rows(
-                logits, labels, old_logits, new_logits, mask, scale, impl, mask_mode,
-                inv_temperature, kl_weight, ce_weight, ignore_index, False, with_grad)
-        if reduction == "none":
-            loss = rows[:, 0].reshape(logits.shape[:-1]).clone()
-        elif reduction == "sum":
-            loss = rows[:, 0].sum()
-        else:
-            loss = rows[:, 0].sum() * scale
+        grad_mode = ("inplace" if inplace else "new") if with_grad else "none"
+        rows, grad = row_pass(impl, vocab_parallel, logits, labels, old_logits, new_logits, mask,
+                              scale, kopts, grad_mode)
+        loss = reduce_rows(rows, scale, reduction)
         if with_grad:
             ctx.save_for_backward(grad)
+        ctx.impl = impl
         ctx.mark_non_differentiable(rows)
         return loss, rows
 
@@ -115,15 +131,63 @@ class CompatLossFunction(torch.autograd.Function):
         # A second backward through the same graph (retain_graph=True) would reuse a gradient
         # already scaled in place: scale_grad_ bumps its version, so autograd refuses it.
         (grad,) = ctx.saved_tensors
-        torch.ops.muscle_fast.scale_grad_(grad, grad_loss)
-        return (grad,) + (None,) * 14
+        torch.ops.muscle_fast.scale_grad_(grad, grad_loss, ctx.impl)
+        return (grad,) + (None,) * 10
 
 
 def stats_from_rows(rows: Tensor, n_valid: Tensor, has_new: bool) -> CompatStats:
     """Means over valid tokens from the row stats (ignored rows hold zeros), no host sync."""
-    means = rows[:, 1:8].sum(0) / n_valid.clamp(min=1)
+    means = rows.sum(0) / n_valid.clamp(min=1)
     return CompatStats(
-        n_valid=n_valid, frac_to_old=means[0], acc_student=means[1], acc_old=means[2],
-        acc_new=means[3] if has_new else None, kl_old=means[4],
-        kl_new=means[5] if has_new else None, ce=means[6],
+        n_valid=n_valid, frac_to_old=means[Stat.TO_OLD], acc_student=means[Stat.HIT_STUDENT],
+        acc_old=means[Stat.HIT_OLD], acc_new=means[Stat.HIT_NEW] if has_new else None,
+        kl_old=means[Stat.KL_OLD], kl_new=means[Stat.KL_NEW] if has_new else None,
+        ce=means[Stat.CE],
     )
+
+
+def reference_loss(logits: Tensor, old_logits: Tensor, new_logits: Optional[Tensor], opts,
+                   return_stats: bool):
+    """``impl="torch"``: the reference in the logits' dtype (float32 compute below float64), its
+    stats as float32 like the fused backends'. ``opts``: the checked options of the call."""
+    out = compat_loss_reference(
+        logits, opts.labels.view(opts.lead), old_logits, new_logits,
+        mask=opts.mask_name if opts.mask is None else opts.mask, temperature=opts.temperature,
+        kl_weight=opts.kernel.kl_weight, ce_weight=opts.kernel.ce_weight,
+        ignore_index=opts.kernel.ignore_index, reduction=opts.reduction,
+        num_items=opts.num_items, sequence_ids=opts.sequence_ids, return_stats=return_stats)
+    if not return_stats:
+        return out
+    loss, stats = out
+    if logits.dtype != torch.float64:
+        for name, value in vars(stats).items():
+            if value is not None:
+                setattr(stats, name, value.float())
+    return loss, stats
+
+
+class LogitsRows:
+    """The rows of ``fused_compat_loss``: [B, T, V] views of the student and teacher logits."""
+
+    def __init__(self, logits: Tensor, old_logits: Tensor, new_logits: Optional[Tensor],
+                 inplace: bool):
+        self.logits, self.old_logits, self.new_logits = logits, old_logits, new_logits
+        self.z3, self.old3, self.new3 = map(as_rows_3d, (logits, old_logits, new_logits))
+        self.inplace = bool(inplace)
+
+    def label_logprobs(self, impl, vocab_parallel, opts) -> Tensor:
+        """Row stats of a launch without gradient that fills ``Stat.CE`` and ``Stat.OLD_LOGP``
+        (the student's and the old model's log p(y)), for the sequence-likelihood mask."""
+        kopts = opts.kernel._replace(mask_mode=MaskMode.ALL_OLD, kl_weight=0.0, ce_weight=0.0)
+        with torch.no_grad():
+            rows, _ = row_pass(impl, vocab_parallel, self.z3.detach(), opts.labels, self.old3,
+                               None, None, opts.scale, kopts, "none", old_label_logprob=True)
+        return rows
+
+    def loss(self, impl, vocab_parallel, opts, kopts: KernelOptions, mask: Optional[Tensor]):
+        return CompatLossFunction.apply(
+            self.z3, opts.labels, self.old3, self.new3, mask, opts.scale, impl, vocab_parallel,
+            kopts, opts.reduction, self.inplace)
+
+    def reference(self, opts, return_stats: bool):
+        return reference_loss(self.logits, self.old_logits, self.new_logits, opts, return_stats)

@@ -12,7 +12,20 @@ from typing import Optional, Tuple
 
 import torch
 
-from .vocab_parallel import N_PARTIALS, N_ROW_CONSTS
+from .contract import N_PARTIALS, N_ROW_CONSTS, N_STATS, MaskMode, as_rows_3d
+
+
+def contract_mismatch(ext) -> str:
+    """"" when the extension was built from this contract (csrc/compat_loss.h vs contract.py),
+    else what differs (a stale build of an older or newer csrc/)."""
+    ours = {"N_STATS": N_STATS, "N_PARTIALS": N_PARTIALS, "N_ROW_CONSTS": N_ROW_CONSTS,
+            "MASK_MODES": {m.name: int(m) for m in MaskMode}}
+    theirs = {k: getattr(ext, k, None) for k in ours}
+    theirs["MASK_MODES"] = dict(theirs["MASK_MODES"] or {})
+    diff = [f"{k}: extension {theirs[k]!r}, contract.py {v!r}" for k, v in ours.items()
+            if theirs[k] != v]
+    return "; ".join(diff)
+
 
 try:
     from muscle_fast import _native
@@ -20,10 +33,13 @@ except ImportError as exc:  # built without a compiler, or a broken build
     _native = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 else:
-    _IMPORT_ERROR = ""
+    _IMPORT_ERROR = contract_mismatch(_native)
+    if _IMPORT_ERROR:
+        _native = None
+        _IMPORT_ERROR = ("the extension was built from another version of csrc/ (rebuild it: "
+                         f"pip install -e .): {_IMPORT_ERROR}")
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-MASK_MODES = {"given": 0, "muscle": 1, "old_correct": 2, "token_likelihood": 3, "all_old": 4}
 _NULL = (0, 0, (0, 0, 1))
 # "" = the best instruction set this CPU supports; "baseline", "avx2", "avx512" force one (tests,
 # benchmarks).
@@ -46,10 +62,6 @@ def _operand(x: Optional[torch.Tensor], name: str):
     return x.data_ptr(), DTYPE_CODES[x.dtype], tuple(x.stride())
 
 
-def _as3d(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return x.unsqueeze(0) if x is not None and x.dim() == 2 else x
-
-
 def compat_loss_native(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -66,11 +78,11 @@ def compat_loss_native(
     ignore_index: int,
     old_label_logprob: bool,
 ) -> torch.Tensor:
-    """Row statistics [B*T, 9] float32 of the compat loss; writes d loss_i / d logits * scale
+    """Row statistics [B*T, N_STATS] float32 of the compat loss; writes d loss_i / d logits * scale
     into ``grad`` when given (``grad`` may be ``logits``). See README.md for the columns."""
     if _native is None:
         raise RuntimeError(native_available()[1])
-    logits, old_logits, new_logits, grad = map(_as3d, (logits, old_logits, new_logits, grad))
+    logits, old_logits, new_logits, grad = map(as_rows_3d, (logits, old_logits, new_logits, grad))
     B, T, V = logits.shape
     n = B * T
     assert labels.dtype == torch.int64 and labels.is_contiguous() and labels.numel() == n
@@ -80,7 +92,7 @@ def compat_loss_native(
     if mask is not None:
         assert mask.dtype == torch.float32 and mask.is_contiguous() and mask.numel() == n
     assert scale.dtype == torch.float32 and scale.numel() == 1 and scale.device.type == "cpu"
-    row_stats = torch.empty(n, 9, dtype=torch.float32)
+    row_stats = torch.empty(n, N_STATS, dtype=torch.float32)
     if n == 0:
         return row_stats
     z = _operand(logits, "logits")
@@ -125,7 +137,7 @@ def compat_loss_native(
 def _check_slice(logits, labels, old_logits, new_logits):
     if _native is None:
         raise RuntimeError(native_available()[1])
-    logits, old_logits, new_logits = map(_as3d, (logits, old_logits, new_logits))
+    logits, old_logits, new_logits = map(as_rows_3d, (logits, old_logits, new_logits))
     B, T, V = logits.shape
     assert labels.dtype == torch.int64 and labels.is_contiguous() and labels.numel() == B * T
     assert old_logits is None or old_logits.shape == logits.shape
@@ -143,7 +155,7 @@ def compat_partials_native(
     ignore_index: int,
     old_at_one: bool,
 ) -> torch.Tensor:
-    """Partial statistics float32 [B*T, 15] of this rank's vocabulary slice; ``labels`` are local
+    """Partial statistics float32 [B*T, N_PARTIALS] of this rank's vocabulary slice; ``labels`` are local
     ids (README.md, "Vocabulary parallel")."""
     logits, old_logits, new_logits = _check_slice(logits, labels, old_logits, new_logits)
     B, T, V = logits.shape
@@ -182,9 +194,9 @@ def compat_grad_rows_native(
     has_ce: bool,
 ) -> None:
     """Writes this slice's d loss_i / d logits into ``grad`` (which may be ``logits``) from the row
-    constants ``consts`` float32 [B*T, 8] (README.md, "Vocabulary parallel")."""
+    constants ``consts`` float32 [B*T, N_ROW_CONSTS] (README.md, "Vocabulary parallel")."""
     logits, old_logits, new_logits = _check_slice(logits, labels, old_logits, new_logits)
-    grad = _as3d(grad)
+    grad = as_rows_3d(grad)
     B, T, V = logits.shape
     assert grad.shape == logits.shape and grad.dtype == logits.dtype
     assert consts.dtype == torch.float32 and consts.is_contiguous()

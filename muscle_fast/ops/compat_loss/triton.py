@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .vocab_parallel import N_PARTIALS, N_ROW_CONSTS
+from .contract import N_PARTIALS, N_ROW_CONSTS
 
 N_ROW_STATS = 9
 # A row whose vocabulary fits in one block of at most this many columns is read once and kept in

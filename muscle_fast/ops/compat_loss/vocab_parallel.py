@@ -15,101 +15,25 @@ max. Per call (one launch of each kernel on every rank):
 
 ``VocabParallel`` bundles 1-4 behind the same row contract as ``compat_loss_<backend>``, with
 global labels, so the public functions and the fused-linear chunk loop use it unchanged.
-``compat_partials_torch`` and ``compat_grad_rows_torch`` are the PyTorch backend of the two kernels
-(readable, float32 or float64) and the oracle the fused kernels are tested against.
+The kernels come from the backend table (``backends.py``); the PyTorch pair is in
+``torch_kernels.py``.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-N_PARTIALS = 15
-N_ROW_CONSTS = 8
-# columns of the partials tensor
-Z_MAX, Z_ARG, Z_ST, Z_S1, Z_Y = 0, 1, 2, 3, 4
-O_MAX, O_ARG, O_S, O_A, O_S1, O_Y = 5, 6, 7, 8, 9, 10
-W_MAX, W_ARG, W_S, W_A = 11, 12, 13, 14
+from .backends import backend
+from .contract import (
+    SEL_IGNORED, SEL_NEW, SEL_NONE, SEL_OLD, MaskMode, Partial as P, RowConst, Stat,
+)
 # the argmax columns hold local indices as float32: exact below 2**24
 MAX_VOCAB = 1 << 24
 # labels handed to the kernels: a valid token whose label another rank owns, and an ignored token
 NOT_OWNED, IGNORED = -1, -2
-
-
-# ------------------------------------------------------------------ the PyTorch backend of the kernels
-
-
-def _stream(x: Tensor, k: float):
-    """Row max, first argmax, the reference the sums are taken against, exp((x - ref) k)."""
-    m = x.max(-1).values
-    ref = torch.where(m == float("-inf"), torch.zeros_like(m), m)
-    return m, x.argmax(-1), ref, torch.exp((x - ref[:, None]) * k)
-
-
-def compat_partials_torch(
-    logits: Tensor, labels: Tensor, old_logits: Tensor, new_logits: Optional[Tensor], *,
-    inv_temperature: float, ignore_index: int, old_at_one: bool,
-) -> Tensor:
-    """Partial statistics [B*T, 15] of this rank's vocabulary slice (README.md, vocabulary parallel)."""
-    B, T, V = logits.shape
-    compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    k = float(inv_temperature)
-    z = logits.reshape(-1, V).to(compute)
-    y = labels.reshape(-1)
-    active = y != ignore_index
-    own = active & (y >= 0) & (y < V)
-    y_idx = torch.where(own, y, torch.zeros_like(y))[:, None]
-    zero = torch.zeros(y.shape, dtype=compute, device=z.device)
-
-    def at_label(x):
-        return torch.where(own, x.gather(1, y_idx).squeeze(1), zero)
-
-    cols: List[Tensor] = [zero] * N_PARTIALS
-    zm, za, zr, ez = _stream(z, k)
-    cols[Z_MAX], cols[Z_ARG], cols[Z_ST] = zm, za.to(compute), ez.sum(-1)
-    cols[Z_S1] = torch.exp(z - zr[:, None]).sum(-1)
-    cols[Z_Y] = at_label(z)
-    for x, first, at_one in ((old_logits, O_MAX, old_at_one), (new_logits, W_MAX, False)):
-        if x is None:
-            continue
-        t = x.reshape(-1, V).to(compute)
-        tm, ta, tr, et = _stream(t, k)
-        cols[first], cols[first + 1], cols[first + 2] = tm, ta.to(compute), et.sum(-1)
-        # p_t == 0 terms are 0, also where the student is -inf there
-        cols[first + 3] = torch.where(et == 0, torch.zeros_like(et), et * (t - z) * k).sum(-1)
-        if at_one:
-            cols[O_S1] = torch.exp(t - tr[:, None]).sum(-1)
-            cols[O_Y] = at_label(t)
-    out = torch.stack(cols, 1)
-    return torch.where(active[:, None], out, torch.zeros_like(out))
-
-
-def compat_grad_rows_torch(
-    logits: Tensor, labels: Tensor, old_logits: Tensor, new_logits: Optional[Tensor],
-    grad: Tensor, consts: Tensor, *, inv_temperature: float, has_kl: bool, has_ce: bool,
-) -> None:
-    """grad[i] = d loss_i / d logits[i] on this slice, from the row constants (README.md)."""
-    B, T, V = logits.shape
-    compute = consts.dtype
-    k = float(inv_temperature)
-    z = logits.reshape(-1, V).to(compute)
-    zref, s_t, s_1, tref, s_tt, c_kl, c_ce, sel = (c[:, None] for c in consts.unbind(1))
-    g = torch.zeros_like(z)
-    if has_kl:
-        ninf = torch.full_like(z, float("-inf"))
-        t = torch.where(sel == 1, old_logits.reshape(-1, V).to(compute), ninf)
-        if new_logits is not None:
-            t = torch.where(sel == 2, new_logits.reshape(-1, V).to(compute), t)
-        p_t = torch.exp((t - tref) * k) / s_tt
-        g = g + c_kl * (torch.exp((z - zref) * k) / s_t - p_t)
-    if has_ce:
-        cols = torch.arange(V, device=z.device)
-        onehot = (cols[None, :] == labels.reshape(-1, 1)).to(compute)
-        g = g + c_ce * (torch.exp(z - zref) / s_1 - onehot)
-    g = torch.where(sel == -1, torch.zeros_like(g), g)
-    grad.copy_(g.reshape(B, T, V))
 
 
 # ------------------------------------------------------------------ combination across ranks
@@ -175,9 +99,8 @@ class VocabParallel:
     """
 
     def __init__(self, impl: str, group, vocab_start: int):
-        from ... import _dispatch
-
-        self.partials, self.grad_rows = _dispatch.vocab_parallel_kernels(impl)
+        kernels = backend(impl)
+        self.partials, self.grad_rows = kernels.partials, kernels.grad_rows
         self.group, self.vocab_start = group, int(vocab_start)
         self.world = _group_size(group)
 
@@ -197,7 +120,7 @@ class VocabParallel:
         owned = valid & (rel >= 0) & (rel < V)
         local = torch.where(owned, rel, torch.full_like(rel, NOT_OWNED))
         local = torch.where(valid, local, torch.full_like(rel, IGNORED)).contiguous()
-        old_at_one = bool(old_label_logprob or mask_mode == 3)
+        old_at_one = bool(old_label_logprob or mask_mode == MaskMode.TOKEN_LIKELIHOOD)
         p = self.partials(logits, local, old_logits, new_logits, inv_temperature=k,
                           ignore_index=IGNORED, old_at_one=old_at_one)
         has_new = new_logits is not None
@@ -210,7 +133,7 @@ class VocabParallel:
 
     def _combine(self, p, labels, valid, owned, has_new, mask_mode, mask, scale, k, kl_weight,
                  ce_weight, old_at_one):
-        max_cols = [Z_MAX, O_MAX] + ([W_MAX] if has_new else [])
+        max_cols = [P.Z_MAX, P.O_MAX] + ([P.W_MAX] if has_new else [])
         local_max = p[:, max_cols]
         # 1. the global maxima
         gmax = local_max.clone()
@@ -218,17 +141,18 @@ class VocabParallel:
         # 2. argmax candidates (lowest global index among the slices holding the maximum) and the
         #    sums rescaled from this slice's reference to the global one; reduced concurrently
         # int32 is exact: vocab_shards keeps the vocabulary below 2**24
-        arg = p[:, [c + 1 for c in max_cols]].to(torch.int32) + self.vocab_start
+        arg_cols = [P.Z_ARG, P.O_ARG] + ([P.W_ARG] if has_new else [])
+        arg = p[:, arg_cols].to(torch.int32) + self.vocab_start
         cand = torch.where(local_max == gmax, arg, torch.full_like(arg, torch.iinfo(torch.int32).max))
         ref = _safe(gmax)
         f_k = torch.exp((local_max - ref) * k)  # 0 for a slice whose maximum is -inf
         f_1 = torch.exp(local_max - ref)
-        cols = [p[:, Z_ST] * f_k[:, 0], p[:, Z_S1] * f_1[:, 0], p[:, Z_Y], owned.to(p.dtype),
-                p[:, O_S] * f_k[:, 1], p[:, O_A] * f_k[:, 1]]
+        cols = [p[:, P.Z_ST] * f_k[:, 0], p[:, P.Z_S1] * f_1[:, 0], p[:, P.Z_Y], owned.to(p.dtype),
+                p[:, P.O_S] * f_k[:, 1], p[:, P.O_A] * f_k[:, 1]]
         if old_at_one:
-            cols += [p[:, O_S1] * f_1[:, 1], p[:, O_Y]]
+            cols += [p[:, P.O_S1] * f_1[:, 1], p[:, P.O_Y]]
         if has_new:
-            cols += [p[:, W_S] * f_k[:, 2], p[:, W_A] * f_k[:, 2]]
+            cols += [p[:, P.W_S] * f_k[:, 2], p[:, P.W_A] * f_k[:, 2]]
         sums = torch.stack(cols, 1)
         works = [self._all_reduce(sums, "SUM", True), self._all_reduce(cand, "MIN", True)]
         for w in works:
@@ -240,7 +164,7 @@ class VocabParallel:
 
 def _finalize(sums, arg, ref, labels, valid, has_new, old_at_one, mask_mode, mask, scale, k,
               kl_weight, ce_weight):
-    """Row stats [N, 9] (README.md columns) and gradient row constants [N, 8] from global sums."""
+    """Row stats [N, N_STATS] and gradient row constants [N, N_ROW_CONSTS] from global sums."""
     f = sums.dtype
     nan = torch.full((), float("nan"), dtype=f, device=sums.device)
     zero = torch.zeros((), dtype=f, device=sums.device)
@@ -260,13 +184,13 @@ def _finalize(sums, arg, ref, labels, valid, has_new, old_at_one, mask_mode, mas
     old_logp = (torch.where(y_ok, o_y, nan) - os_) - torch.log(s_o1) if old_at_one else zero.expand_as(ce)
     hit_z, hit_o = arg[:, 0] == labels, arg[:, 1] == labels
     hit_w = arg[:, 2] == labels if has_new else torch.zeros_like(hit_z)
-    if mask_mode == 0:
+    if mask_mode == MaskMode.GIVEN:
         to_old = mask != 0
-    elif mask_mode == 1:
+    elif mask_mode == MaskMode.MUSCLE:
         to_old = ~hit_z
-    elif mask_mode == 2:
+    elif mask_mode == MaskMode.OLD_CORRECT:
         to_old = hit_o
-    elif mask_mode == 3:
+    elif mask_mode == MaskMode.TOKEN_LIKELIHOOD:
         to_old = (z_y - zs - log_s1) < old_logp
     else:
         to_old = torch.ones_like(valid)
@@ -276,13 +200,15 @@ def _finalize(sums, arg, ref, labels, valid, has_new, old_at_one, mask_mode, mas
     if ce_weight != 0:
         loss = loss + ce_weight * ce
     loss = torch.where(y_ok, loss, nan)
-    rows = torch.stack([loss, to_old.to(f), hit_z.to(f), hit_o.to(f), hit_w.to(f), kl_old,
-                        kl_new, ce, old_logp], 1)
+    stats = {Stat.LOSS: loss, Stat.TO_OLD: to_old.to(f), Stat.HIT_STUDENT: hit_z.to(f),
+             Stat.HIT_OLD: hit_o.to(f), Stat.HIT_NEW: hit_w.to(f), Stat.KL_OLD: kl_old,
+             Stat.KL_NEW: kl_new, Stat.CE: ce, Stat.OLD_LOGP: old_logp}
+    rows = torch.stack([stats[c] for c in Stat], 1)
     rows = torch.where(valid[:, None], rows, zero)
 
     use_new = ~to_old & has_new
-    sel = torch.where(to_old, 1, torch.where(use_new, 2, 0))
-    sel = torch.where(valid, sel, -1).to(f)
+    sel = torch.where(to_old, SEL_OLD, torch.where(use_new, SEL_NEW, SEL_NONE))
+    sel = torch.where(valid, sel, SEL_IGNORED).to(f)
     one = torch.ones((), dtype=f, device=sums.device)
     tref = torch.where(to_old, os_, ref[:, 2] if has_new else zero)
     s_tt = torch.where(to_old, s_o, s_w if has_new else one)  # 1 where no teacher is selected
@@ -291,5 +217,7 @@ def _finalize(sums, arg, ref, labels, valid, has_new, old_at_one, mask_mode, mas
     c_ce = (ce_weight * scale).expand_as(ce)
     c_kl = torch.where(y_ok, c_kl, nan)
     c_ce = torch.where(y_ok, c_ce, nan)
-    consts = torch.stack([zs, s_t, s_1, tref, s_tt, c_kl, c_ce, sel], 1).contiguous()
+    named = {RowConst.ZREF: zs, RowConst.S_T: s_t, RowConst.S_1: s_1, RowConst.TREF: tref,
+             RowConst.S_TT: s_tt, RowConst.C_KL: c_kl, RowConst.C_CE: c_ce, RowConst.SEL: sel}
+    consts = torch.stack([named[c] for c in RowConst], 1).contiguous()
     return rows, consts

@@ -8,14 +8,16 @@ on request, the gradients of the reduced loss w.r.t. hidden, weight and bias.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ... import _dispatch
+from ..compat_loss.backends import backend
+from ..compat_loss.contract import N_STATS, KernelOptions, MaskMode, as_rows_3d
+from ..compat_loss.function import reduce_rows, reference_loss
 
-N_ROW_STATS = 9
 MIN_CHUNK = 32
 # Bytes of chunk logits (student + GEMM teachers, fp32) per pass; chunk_size=None derives from it.
 CHUNK_BYTES = {"cuda": 1 << 30, "cpu": 128 << 20}
@@ -72,10 +74,6 @@ def _take_index(x: Tensor, idx: Tensor) -> Tensor:
     return x.index_select(0, idx)
 
 
-def _rows3d(x: Tensor) -> Tensor:
-    return (x if x.stride(-1) == 1 else x.contiguous()).unsqueeze(0)
-
-
 @torch.library.custom_op("muscle_fast::linear_compat_loss_rows", mutates_args=())
 def linear_compat_loss_rows(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
@@ -94,18 +92,17 @@ def linear_compat_loss_rows(
     or logits [N, V]; labels, mask, row_grad [N]. The gradient is that of
     ``sum_i row_grad_i * scale * loss_i`` (``row_grad`` None: all ones).
     """
+    kopts = KernelOptions(mask_mode, inv_temperature, kl_weight, ce_weight, ignore_index)
     return linear_rows(
         hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, new_hidden,
-        new_weight, new_bias, new_logits, mask, scale, row_grad, _dispatch.launcher(impl),
-        mask_mode, inv_temperature, kl_weight, ce_weight, ignore_index, old_label_logprob,
-        chunk_size, need_hidden, need_weight, need_bias)
+        new_weight, new_bias, new_logits, mask, scale, row_grad, backend(impl).rows, kopts,
+        old_label_logprob, chunk_size, need_hidden, need_weight, need_bias)
 
 
 def linear_rows(
     hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, new_hidden,
-    new_weight, new_bias, new_logits, mask, scale, row_grad, launch, mask_mode, inv_temperature,
-    kl_weight, ce_weight, ignore_index, old_label_logprob, chunk_size, need_hidden, need_weight,
-    need_bias, group=None,
+    new_weight, new_bias, new_logits, mask, scale, row_grad, launch, kopts: KernelOptions,
+    old_label_logprob, chunk_size, need_hidden, need_weight, need_bias, group=None,
 ):
     """The chunked pass of ``linear_compat_loss_rows`` with any row-kernel launcher ``launch``.
 
@@ -116,7 +113,7 @@ def linear_rows(
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     with_grad = need_hidden or need_weight or need_bias
-    rows = torch.zeros((n, N_ROW_STATS), dtype=torch.float32, device=dev)
+    rows = torch.zeros((n, N_STATS), dtype=torch.float32, device=dev)
     student = _Linear(weight, bias)
     old = None if old_weight is None else _Linear(old_weight, old_bias)
     new = None if new_weight is None else _Linear(new_weight, new_bias)
@@ -132,7 +129,7 @@ def linear_rows(
     # (on a GPU it would be a sync, so there they run and get a zero gradient).
     index = None
     if dev.type == "cpu":
-        valid = labels != ignore_index
+        valid = labels != kopts.ignore_index
         if not bool(valid.all()):
             index = valid.nonzero().squeeze(1)
     n_rows = n if index is None else index.numel()
@@ -153,10 +150,8 @@ def linear_rows(
         z3 = z.unsqueeze(0)
         # The gradient overwrites the chunk's logits (the row contract allows grad is logits).
         rows_c = launch(
-            z3, y, _rows3d(o), None if w is None else _rows3d(w),
-            None if mask is None else take(mask), z3 if with_grad else None, scale,
-            mask_mode=mask_mode, inv_temperature=inv_temperature, kl_weight=kl_weight,
-            ce_weight=ce_weight, ignore_index=ignore_index, old_label_logprob=old_label_logprob)
+            z3, y, as_rows_3d(o), as_rows_3d(w), None if mask is None else take(mask),
+            z3 if with_grad else None, scale, **kopts.kwargs(old_label_logprob))
         del o, w
         if index is None:
             rows[sel] = rows_c
@@ -198,7 +193,7 @@ def _(hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits
       new_weight, new_bias, new_logits, mask, scale, row_grad, impl, mask_mode, inv_temperature,
       kl_weight, ce_weight, ignore_index, old_label_logprob, chunk_size, need_hidden, need_weight,
       need_bias):
-    rows = hidden.new_empty((hidden.shape[0], N_ROW_STATS), dtype=torch.float32)
+    rows = hidden.new_empty((hidden.shape[0], N_STATS), dtype=torch.float32)
     gh = hidden.new_empty(hidden.shape if need_hidden else (0,))
     gw = weight.new_empty(weight.shape if need_weight else (0,))
     gb_dtype = bias.dtype if bias is not None else torch.float32
@@ -215,13 +210,16 @@ def _scaled(g: Tensor, grad_output: Tensor) -> Tensor:
     return g.mul_(grad_output.to(g.dtype))
 
 
-def linear_pass(vocab_parallel, args, row_grad, opts, needs):
-    """The custom op, or with a vocabulary split (``vocab_parallel``: a ``VocabParallel``) the
-    same pass called directly (a process group cannot cross a ``torch.library`` op)."""
+def linear_pass(impl: str, vocab_parallel, args, row_grad, kopts: KernelOptions,
+                old_label_logprob: bool, chunk_size: int, needs):
+    """One chunked pass: the single place that chooses between the ``torch.library`` op (one
+    device) and ``linear_rows`` with ``vocab_parallel``'s launcher (a process group cannot cross
+    a custom op)."""
     if vocab_parallel is None:
-        return torch.ops.muscle_fast.linear_compat_loss_rows(*args, row_grad, *opts, *needs)
-    return linear_rows(*args, row_grad, vocab_parallel, *opts[1:], *needs,
-                       group=vocab_parallel.group)
+        return torch.ops.muscle_fast.linear_compat_loss_rows(
+            *args, row_grad, impl, *kopts, old_label_logprob, chunk_size, *needs)
+    return linear_rows(*args, row_grad, vocab_parallel, kopts, old_label_logprob, chunk_size,
+                       *needs, group=vocab_parallel.group)
 
 
 class LinearCompatLossFunction(torch.autograd.Function):
@@ -235,29 +233,20 @@ class LinearCompatLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits,
-                new_hidden, new_weight, new_bias, new_logits, mask, scale, impl, mask_mode,
-                inv_temperature, kl_weight, ce_weight, ignore_index, chunk_size, reduction,
-                vocab_parallel=None):
+                new_hidden, new_weight, new_bias, new_logits, mask, scale, impl, vocab_parallel,
+                kopts, chunk_size, reduction):
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.needs = needs
         ctx.reduction = reduction
         eager_grads = reduction != "none" and any(needs)
         args = (hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits,
                 new_hidden, new_weight, new_bias, new_logits, mask, scale)
-        opts = (impl, mask_mode, inv_temperature, kl_weight, ce_weight, ignore_index, False,
-                chunk_size)
-        ctx.opts = opts
-        ctx.vocab_parallel = vocab_parallel
-        rows, gh, gw, gb = linear_pass(vocab_parallel, args, None, opts,
-                                 needs if eager_grads else (False, False, False))
-        if reduction == "none":
-            loss = rows[:, 0].clone()
-            if any(needs):
-                ctx.save_for_backward(*args)
-        else:
-            loss = rows[:, 0].sum() if reduction == "sum" else rows[:, 0].sum() * scale
-            if any(needs):
-                ctx.save_for_backward(gh, gw, gb)
+        ctx.pass_opts = (impl, vocab_parallel, kopts, chunk_size)
+        rows, gh, gw, gb = linear_pass(impl, vocab_parallel, args, None, kopts, False, chunk_size,
+                                       needs if eager_grads else (False, False, False))
+        loss = reduce_rows(rows, scale, reduction)
+        if any(needs):
+            ctx.save_for_backward(*(args if reduction == "none" else (gh, gw, gb)))
         ctx.mark_non_differentiable(rows)
         return loss, rows
 
@@ -270,12 +259,65 @@ class LinearCompatLossFunction(torch.autograd.Function):
                     "(retain_graph=True); the saved gradients are scaled in place")
             ctx.used = True
         needs = ctx.needs
+        impl, vocab_parallel, kopts, chunk_size = ctx.pass_opts
         if ctx.reduction == "none":
             args = ctx.saved_tensors
-            _, gh, gw, gb = linear_pass(ctx.vocab_parallel, args, grad_loss.reshape(-1),
-                                        ctx.opts, needs)
+            _, gh, gw, gb = linear_pass(impl, vocab_parallel, args, grad_loss.reshape(-1), kopts,
+                                        False, chunk_size, needs)
         else:
             gh, gw, gb = (_scaled(g, grad_loss) if need else None
                           for g, need in zip(ctx.saved_tensors, needs))
         grads = tuple(g if need else None for g, need in zip((gh, gw, gb), needs))
-        return grads + (None,) * 20
+        return grads + (None,) * 16
+
+
+class Teacher(NamedTuple):
+    """One frozen teacher of the fused-linear loss: (hidden, weight, bias) or its logits."""
+
+    hidden: Optional[Tensor]  # [N, H'] (detached), or None when logits are given
+    weight: Optional[Tensor]  # [V, H']
+    bias: Optional[Tensor]  # [V]
+    logits: Optional[Tensor]  # [N, V]
+
+    def full_logits(self, lead) -> Tensor:
+        if self.logits is not None:
+            return self.logits.reshape(*lead, -1)
+        return F.linear(self.hidden, self.weight, self.bias).reshape(*lead, -1)
+
+
+_NO_TEACHER = Teacher(None, None, None, None)
+
+
+class LinearRows:
+    """The rows of ``fused_linear_compat_loss``, produced chunk by chunk from hidden states."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], old: Teacher,
+                 new: Optional[Teacher], chunk_size: Optional[int]):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.h2 = hidden.reshape(-1, hidden.shape[-1])
+        self.old, self.new = old, new
+        n_gemm = 1 + sum(t is not None and t.logits is None for t in (old, new))
+        self.chunk = (int(chunk_size) if chunk_size is not None else
+                      default_chunk_size(self.h2.shape[0], weight.shape[0], n_gemm, hidden.device))
+
+    def reference(self, opts, return_stats: bool):
+        with torch.no_grad():
+            old_full = self.old.full_logits(opts.lead)
+            new_full = None if self.new is None else self.new.full_logits(opts.lead)
+        logits = F.linear(self.hidden, self.weight, self.bias)
+        return reference_loss(logits, old_full, new_full, opts, return_stats)
+
+    def label_logprobs(self, impl, vocab_parallel, opts) -> Tensor:
+        kopts = opts.kernel._replace(mask_mode=int(MaskMode.ALL_OLD), kl_weight=0.0, ce_weight=0.0)
+        bias = None if self.bias is None else self.bias.detach()
+        args = (self.h2.detach(), self.weight.detach(), bias, opts.labels, *self.old,
+                *_NO_TEACHER, None, opts.scale)
+        rows, *_ = linear_pass(impl, vocab_parallel, args, None, kopts, True, self.chunk,
+                               (False, False, False))
+        return rows
+
+    def loss(self, impl, vocab_parallel, opts, kopts: KernelOptions, mask: Optional[Tensor]):
+        new = self.new if self.new is not None else _NO_TEACHER
+        return LinearCompatLossFunction.apply(
+            self.h2, self.weight, self.bias, opts.labels, *self.old, *new, mask, opts.scale, impl,
+            vocab_parallel, kopts, self.chunk, opts.reduction)
