@@ -20,7 +20,7 @@ def print_table(rows, copy_gbps: float, env: dict) -> None:
     print(f"# {env['device']} | threads {env['threads']} | torch {env['torch']} | triton "
           f"{env['triton']} | commit {env['commit']} | {env['date']} UTC")
     print(f"# copy bandwidth (read + write): {copy_gbps / 1e9:.1f} GB/s; floor fraction = "
-          "(SPEC section 4 minimal bytes / copy bandwidth) / median")
+          "(docs/SPEC.md section 4 minimal bytes / copy bandwidth) / median")
     hdr = ("op", "mode", "mask", "N", "V", "dtype", "backend", "status", "median_ms", "p20_ms",
            "p80_ms", "peak_mb", "gbps", "floor_fraction", "design_fraction", "vs_eager", "note")
     try:

@@ -277,7 +277,7 @@ def byte_counts(case: Case, backend: str, inputs: dict) -> tuple:
     N, V = case.N, case.V
     e = torch.finfo(DTYPES[case.dtype]).bits // 8
     full = case.mode == "full"
-    # SPEC section 4: the student row + each teacher row the mask needs (SPEC section 2 table:
+    # docs/SPEC.md section 4: the student row + each teacher row the mask needs (section 2 table:
     # muscle needs old and new, old_correct only old) read once, + the gradient written once in
     # full mode. Every label is valid in these inputs.
     n_teachers = 2 if case.has_new else 1
@@ -303,7 +303,7 @@ class Skip(Exception):
 
 
 def eager_compat(z, y, o, w, mask: str, temperature: float = TEMPERATURE, ignore_index=-100):
-    """The SPEC loss as a PyTorch user writes it: argmax mask, teacher chosen per row with
+    """The docs/SPEC.md loss as a PyTorch user writes it: argmax mask, teacher chosen per row with
     ``where`` (one teacher log_softmax, not two), log_softmax + kl_div(log_target), mean over
     valid tokens; float32 math for any input dtype."""
     valid = y != ignore_index
@@ -491,7 +491,7 @@ PEER_NAMES = [p.name for p in PEERS]
 
 # ----------------------------------------------------------------------------- reference
 def reference(case: Case, inputs: dict, grad: bool, peer: Peer):
-    """float64 loss (and gradients) of the same rows; the ground truth of SPEC section 2."""
+    """float64 loss (and gradients) of the same rows; the ground truth of docs/SPEC.md section 2."""
     from muscle_fast.ops.compat_loss.reference import compat_loss_reference
 
     d = {k: (None if v is None else (v.double() if v.is_floating_point() else v))

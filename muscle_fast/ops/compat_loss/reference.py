@@ -1,4 +1,4 @@
-"""The readable PyTorch statement of the MUSCLE compatibility loss (SPEC section 2).
+"""The readable PyTorch statement of the MUSCLE compatibility loss (docs/SPEC.md section 2).
 
 This file is the ground truth: every backend is tested against ``compat_loss_reference`` run in
 float64. ``impl="torch"`` runs it in the input's dtype upcast to float32, with PyTorch autograd
@@ -96,7 +96,7 @@ def compat_loss_reference(
     sequence_ids: Optional[torch.Tensor] = None,
     return_stats: bool = False,
 ):
-    """SPEC section 2, literally. Inputs are assumed valid (``fused_compat_loss`` checks them).
+    """docs/SPEC.md section 2, literally. Inputs are assumed valid (``fused_compat_loss`` checks them).
 
     Computes in float64 for float64 ``logits``, else in float32. Differentiable in ``logits``.
     """
