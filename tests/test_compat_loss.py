@@ -1,5 +1,4 @@
 """fused_compat_loss: every fused backend against the float64 reference, every option."""
-import logging
 import math
 
 import pytest
@@ -440,6 +439,21 @@ def _bad_cases():
         "reduction": ((z, y, o, w), {"reduction": "avg"}, ValueError, "reduction"),
         "num-items-sum": ((z, y, o, w), {"num_items": 4, "reduction": "sum"}, ValueError, "num_items"),
         "num-items-zero": ((z, y, o, w), {"num_items": 0}, ValueError, "num_items"),
+        "num-items-tensor-zero": ((z, y, o, w), {"num_items": torch.tensor(0)}, ValueError,
+                                  "num_items"),
+        "num-items-tensor-negative": ((z, y, o, w), {"num_items": torch.tensor(-3)}, ValueError,
+                                      "num_items"),
+        "num-items-tensor-nan": ((z, y, o, w), {"num_items": torch.tensor(float("nan"))},
+                                 ValueError, "num_items"),
+        "num-items-tensor-inf": ((z, y, o, w), {"num_items": torch.tensor(float("inf"))},
+                                 ValueError, "num_items"),
+        "num-items-tensor-bool": ((z, y, o, w), {"num_items": torch.tensor(True)}, TypeError,
+                                  "num_items"),
+        "num-items-two-values": ((z, y, o, w), {"num_items": torch.tensor([2, 3])}, ValueError,
+                                 "num_items"),
+        "return-stats-str": ((z, y, o, w), {"return_stats": "yes"}, TypeError, "return_stats"),
+        "validate-int": ((z, y, o, w), {"validate": 1}, TypeError, "validate"),
+        "inplace-str": ((z, y, o, w), {"inplace_backward": "no"}, TypeError, "inplace_backward"),
         "seq-ids-wrong-mask": ((z, y, o, w), {"sequence_ids": torch.zeros(4, dtype=torch.long)},
                                ValueError, "sequence_ids"),
         "impl-name": ((z, y, o, w), {"impl": "cuda"}, ValueError, "impl"),
@@ -457,54 +471,32 @@ def test_bad_input_raises(args, kwargs, exc, match):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("count", [0, -3, float("nan")], ids=["zero", "negative", "nan"])
+def test_bad_device_num_items_gives_nan_or_raises(count):
+    """A count on the GPU is not read without validate (a sync): NaN, never a finite number."""
+    logits, labels, old, new = make_inputs((6,), 11)
+    z = logits.clone().requires_grad_(True)
+    n = torch.tensor(count, device=DEVICE)
+    loss = mf.fused_compat_loss(z, labels, old, new, num_items=n, validate=False)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(z.grad).all()
+    with pytest.raises(ValueError, match="num_items"):
+        mf.fused_compat_loss(logits, labels, old, new, num_items=n)
+
+
+def test_cpu_num_items_tensor_divides():
+    logits, labels, old, new = make_inputs((6,), 11)
+    a = mf.fused_compat_loss(logits, labels, old, new, num_items=torch.tensor(7), impl="torch")
+    b = mf.fused_compat_loss(logits, labels, old, new, reduction="sum", impl="torch") / 7
+    assert torch.allclose(a, b)
+
+
+@pytest.mark.gpu
 def test_device_mismatch_raises():
     z = torch.randn(4, 10, device="cuda")
     with pytest.raises(ValueError, match="old_logits"):
         mf.fused_compat_loss(z, torch.zeros(4, dtype=torch.long, device="cuda"), torch.randn(4, 10),
                              torch.randn(4, 10, device="cuda"))
-
-
-# --------------------------------------------------------------------------- dispatch
-
-
-def test_available_impls_say_why():
-    status = mf.available_impls("cpu")
-    assert set(status) == {"triton", "native", "torch"} and status["torch"].available
-    for s in status.values():
-        assert isinstance(s.reason, str) and s.reason
-
-
-def test_env_var_selects_and_explicit_impl_wins(monkeypatch):
-    logits, labels, old, new = make_inputs((3,), 9)
-    monkeypatch.setenv("MUSCLE_FAST_IMPL", "torch")
-    a = mf.fused_compat_loss(logits, labels, old, new)
-    monkeypatch.setenv("MUSCLE_FAST_IMPL", "bogus")
-    with pytest.raises(ValueError, match="MUSCLE_FAST_IMPL"):
-        mf.fused_compat_loss(logits, labels, old, new)
-    b = mf.fused_compat_loss(logits, labels, old, new, impl="torch")
-    assert torch.equal(a, b)
-
-
-def test_unavailable_explicit_impl_raises_with_reason(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    logits, labels, old, new = make_inputs((3,), 9)
-    if DEVICE.type == "cpu":
-        with pytest.raises(ValueError, match="cannot run here: triton runs on CUDA"):
-            mf.fused_compat_loss(logits, labels, old, new, impl="triton")
-
-
-def test_auto_fallback_says_so_once(monkeypatch, caplog):
-    from muscle_fast import _dispatch
-
-    monkeypatch.setattr(_dispatch, "_native_status",
-                        lambda: _dispatch.ImplStatus(False, "not built (test)"))
-    _dispatch._say_once.cache_clear()
-    logits, labels, old, new = make_inputs((3,), 9)
-    with caplog.at_level(logging.WARNING, logger="muscle_fast"):
-        for _ in range(3):
-            assert _dispatch.choose_impl("auto", torch.device("cpu"), torch.float32) == "torch"
-    assert sum("not built (test)" in r.getMessage() for r in caplog.records) == 1
-    _dispatch._say_once.cache_clear()
 
 
 # --------------------------------------------------------------------------- torch.compile

@@ -14,7 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import assert_pass_rule
 from muscle_fast.ops.compat_loss import native
+from muscle_fast.ops.compat_loss.contract import MaskMode, Stat
 from muscle_fast.ops.compat_loss.reference import compat_loss_reference
 
 ok, why = native.native_available()
@@ -27,8 +29,7 @@ DTYPES = [
     pytest.param(torch.bfloat16, id="bf16"),
     pytest.param(torch.float16, id="fp16"),
 ]
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
-MODE_NAMES = {0: None, 1: "muscle", 2: "old_correct", 3: "token_likelihood", 4: "all_old"}
+MODE_NAMES = {m: m.name.lower() for m in MaskMode if m != MaskMode.GIVEN}
 ISAS = _native.available_isas() if ok else []
 
 
@@ -83,7 +84,7 @@ def row_stats_expected(
     need_old_logp,
     compute,
 ):
-    """The 9 row-stat columns, from the reference's formulas, computed in `compute` dtype."""
+    """The row-stat columns (contract.Stat), from the reference's formulas, computed in `compute` dtype."""
     V = z.shape[-1]
     z = z.reshape(-1, V).to(compute)
     o = None if o is None else o.reshape(-1, V).to(compute)
@@ -106,23 +107,24 @@ def row_stats_expected(
     hit_o = torch.zeros_like(hit_s) if o is None else o.argmax(-1) == y
     hit_w = torch.zeros_like(hit_s) if w is None else w.argmax(-1) == y
     m = {
-        0: lambda: mask.bool() if mask is not None else None,
-        1: lambda: ~hit_s,
-        2: lambda: hit_o,
-        3: lambda: s_logp < o_logp,
-        4: lambda: torch.ones_like(hit_s),
-    }[mode]()
-    cols = [
-        zero,
-        m.to(compute),
-        hit_s.to(compute),
-        hit_o.to(compute),
-        hit_w.to(compute),
-        kl_old,
-        kl_new,
-        -s_logp,
-        o_logp if need_old_logp else zero,
-    ]
+        MaskMode.GIVEN: lambda: mask.bool() if mask is not None else None,
+        MaskMode.MUSCLE: lambda: ~hit_s,
+        MaskMode.OLD_CORRECT: lambda: hit_o,
+        MaskMode.TOKEN_LIKELIHOOD: lambda: s_logp < o_logp,
+        MaskMode.ALL_OLD: lambda: torch.ones_like(hit_s),
+    }[MaskMode(mode)]()
+    named = {
+        Stat.LOSS: zero,
+        Stat.TO_OLD: m.to(compute),
+        Stat.HIT_STUDENT: hit_s.to(compute),
+        Stat.HIT_OLD: hit_o.to(compute),
+        Stat.HIT_NEW: hit_w.to(compute),
+        Stat.KL_OLD: kl_old,
+        Stat.KL_NEW: kl_new,
+        Stat.CE: -s_logp,
+        Stat.OLD_LOGP: o_logp if need_old_logp else zero,
+    }
+    cols = [named[c] for c in Stat]
     out = torch.stack(cols, 1)
     return torch.where(valid.unsqueeze(1), out, torch.zeros_like(out))
 
@@ -137,28 +139,12 @@ def reference_loss_and_grad(z, y, o, w, mask, scale, *, compute, mode, **kw):
         if compute == torch.float64
         else (lambda t: t)
     )
-    m = MODE_NAMES[mode] if mode else mask.bool()
+    m = MODE_NAMES[MaskMode(mode)] if mode != MaskMode.GIVEN else mask.bool()
     loss = compat_loss_reference(x, y, cast(o), cast(w), mask=m, reduction="none", **kw)
     if loss.requires_grad:
         (loss.sum() * scale).backward()
     grad = x.grad if x.grad is not None else torch.zeros_like(x)
     return loss.detach().reshape(-1), grad.detach()
-
-
-def assert_rule(impl, ref64, same, atol, what):
-    """flash-attention's rule: |impl - ref64| <= 2 |same - ref64| + atol; non-finite must match."""
-    impl, ref64, same = impl.double(), ref64.double(), same.double()
-    fin = torch.isfinite(ref64)
-    assert torch.equal(torch.isnan(impl), torch.isnan(ref64)), f"{what}: NaN pattern differs"
-    assert torch.equal(impl[~fin & ~torch.isnan(ref64)], ref64[~fin & ~torch.isnan(ref64)]), (
-        f"{what}: inf differs"
-    )
-    err = (impl - ref64)[fin].abs()
-    bound = 2 * (same.double() - ref64)[fin].abs() + atol
-    worst = (err - bound).max().item() if err.numel() else -1.0
-    assert worst <= 0, (
-        f"{what}: max |impl-ref| {err.max().item():.3e} exceeds the bound by {worst:.3e}"
-    )
 
 
 def make_inputs(B, T, V, dtype, *, seed, ignore=True, neg_inf=False, noncontig=False):
@@ -229,7 +215,7 @@ def check_case(
         y,
         o,
         w,
-        mask if mode == 0 else None,
+        mask if mode == MaskMode.GIVEN else None,
         grad,
         scale,
         mode=mode,
@@ -243,10 +229,9 @@ def check_case(
         z, y, o, w, mask, scale, compute=torch.float64, mode=mode, **kw
     )
     l32, g32 = reference_loss_and_grad(z, y, o, w, mask, scale, compute=None, mode=mode, **kw)
-    atol = ATOL[dtype]
-    assert_rule(stats[:, 0], l64, l32, atol, "loss")
-    assert_rule(grad.reshape(-1, V), g64.reshape(-1, V), g32.reshape(-1, V), atol * scale, "grad")
-    need_logp = mode == 3 or old_label_logprob
+    assert_pass_rule(stats[:, Stat.LOSS], l32, l64, dtype, "loss")
+    assert_pass_rule(grad.reshape(-1, V), g32.reshape(-1, V), g64.reshape(-1, V), dtype, "grad")
+    need_logp = mode == MaskMode.TOKEN_LIKELIHOOD or old_label_logprob
     skw = dict(
         mode=mode,
         temperature=temperature,
@@ -257,10 +242,10 @@ def check_case(
     )
     e64 = row_stats_expected(z, y, o, w, mask, compute=torch.float64, **skw)
     e32 = row_stats_expected(z, y, o, w, mask, compute=torch.float32, **skw)
-    exact = [1, 2, 3, 4]
+    exact = [Stat.TO_OLD, Stat.HIT_STUDENT, Stat.HIT_OLD, Stat.HIT_NEW]
     assert torch.equal(stats[:, exact].double(), e64[:, exact]), "mask / hit columns differ"
-    for c, name in [(5, "kl_old"), (6, "kl_new"), (7, "ce"), (8, "old_logp")]:
-        assert_rule(stats[:, c], e64[:, c], e32[:, c], atol, name)
+    for c in (Stat.KL_OLD, Stat.KL_NEW, Stat.CE, Stat.OLD_LOGP):
+        assert_pass_rule(stats[:, c], e32[:, c], e64[:, c], dtype, c.name.lower())
     return stats, grad
 
 
@@ -270,7 +255,7 @@ def check_case(
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,T,V,opts", CASES)
 @pytest.mark.parametrize(
-    "mode", [0, 1, 2, 3, 4], ids=["given", "muscle", "old_correct", "token_lik", "all_old"]
+    "mode", list(MaskMode), ids=[m.name.lower() for m in MaskMode]
 )
 def test_matches_reference(B, T, V, opts, dtype, mode):
     check_case(B, T, V, dtype, opts, mode=mode, temperature=2.0, kl_weight=1.0, ce_weight=0.0)
@@ -315,7 +300,7 @@ def test_every_isa_matches(isa, monkeypatch):
             2100,
             dtype,
             {"neg_inf": True},
-            mode=1,
+            mode=MaskMode.MUSCLE,
             temperature=0.7,
             kl_weight=0.7,
             ce_weight=0.3,
@@ -330,12 +315,12 @@ def test_all_ignored_and_argmax_ties():
     z[0, 1, :] = float("-inf")
     z[0, 1, [2047, 2048]] = 1.0
     y = torch.tensor([5, 2047, 0])
-    stats = run_native(z, y, z.clone(), None, None, None, 1.0, mode=2)
-    assert stats[:, 2].tolist() == [1.0, 1.0, 1.0]  # row 2: all zeros, argmax 0
-    assert stats[:, 3].tolist() == [1.0, 1.0, 1.0]
-    assert torch.all(stats[:, 5].abs() < 1e-6)
+    stats = run_native(z, y, z.clone(), None, None, None, 1.0, mode=MaskMode.OLD_CORRECT)
+    assert stats[:, Stat.HIT_STUDENT].tolist() == [1.0, 1.0, 1.0]  # row 2: all zeros, argmax 0
+    assert stats[:, Stat.HIT_OLD].tolist() == [1.0, 1.0, 1.0]
+    assert torch.all(stats[:, Stat.KL_OLD].abs() < 1e-6)
     g = torch.full_like(z, 7.0)
-    stats = run_native(z, torch.full((3,), -100), z, z, None, g, 1.0, mode=1)
+    stats = run_native(z, torch.full((3,), -100), z, z, None, g, 1.0, mode=MaskMode.MUSCLE)
     assert torch.all(stats == 0) and torch.all(g == 0)
 
 
@@ -345,8 +330,8 @@ def test_label_at_neg_inf_column_pure_kl():
     o = z.clone() + 0.1 * torch.randn(1, 2, 50)
     y = torch.tensor([3, 4])
     g = torch.empty_like(z)
-    stats = run_native(z, y, o, None, None, g, 1.0, mode=4, ce_weight=0.0)
-    assert torch.isfinite(stats[:, 0]).all() and torch.isinf(stats[0, 7])
+    stats = run_native(z, y, o, None, None, g, 1.0, mode=MaskMode.ALL_OLD, ce_weight=0.0)
+    assert torch.isfinite(stats[:, Stat.LOSS]).all() and torch.isinf(stats[0, Stat.CE])
     assert torch.isfinite(g).all()
 
 
@@ -357,8 +342,8 @@ def test_bad_label_and_nan_inputs_give_nan():
     z[0, 2, 7] = float("nan")
     z[0, 3, 9] = float("inf")
     g = torch.zeros_like(z)
-    stats = run_native(z, y, o, w, None, g, 1.0, mode=4, ce_weight=0.5)
-    assert torch.isnan(stats[:, 0]).all()
+    stats = run_native(z, y, o, w, None, g, 1.0, mode=MaskMode.ALL_OLD, ce_weight=0.5)
+    assert torch.isnan(stats[:, Stat.LOSS]).all()
     assert torch.isnan(stats[:2, 7]).all()
     assert torch.isnan(g).all()
 
@@ -370,9 +355,9 @@ def test_bad_label_and_nan_inputs_give_nan():
 def test_in_place_gradient(dtype):
     z, y, o, w, _ = make_inputs(2, 5, 2100, dtype, seed=3, noncontig=True)
     g = torch.empty_like(z)
-    s1 = run_native(z, y, o, w, None, g, 0.5, mode=1, ce_weight=0.3)
+    s1 = run_native(z, y, o, w, None, g, 0.5, mode=MaskMode.MUSCLE, ce_weight=0.3)
     zz = z.clone()
-    s2 = run_native(zz, y, o, w, None, zz, 0.5, mode=1, ce_weight=0.3)
+    s2 = run_native(zz, y, o, w, None, zz, 0.5, mode=MaskMode.MUSCLE, ce_weight=0.3)
     assert torch.equal(s1, s2)
     assert torch.equal(zz, g)
 
@@ -389,7 +374,7 @@ def test_thread_count_follows_torch():
                 **_binding_kwargs(z, y, o, w, num_threads=torch.get_num_threads())
             )
             assert used == n
-            results[n] = run_native(*args, mode=1)
+            results[n] = run_native(*args, mode=MaskMode.MUSCLE)
         assert torch.equal(results[1], results[2])  # each row is one thread's: bitwise equal
     finally:
         torch.set_num_threads(before)
@@ -667,7 +652,7 @@ def test_offsets_above_2_pow_31(tmp_path):
     z[1, 0].copy_(torch.randn(V, generator=g))
     o = torch.randn(2, 1, V, generator=g).to(torch.bfloat16)
     y = torch.tensor([3, 999])
-    got = run_native(z, y, o, None, None, None, 1.0, mode=4, ce_weight=0.5)
-    small = run_native(z.contiguous(), y, o, None, None, None, 1.0, mode=4, ce_weight=0.5)
+    got = run_native(z, y, o, None, None, None, 1.0, mode=MaskMode.ALL_OLD, ce_weight=0.5)
+    small = run_native(z.contiguous(), y, o, None, None, None, 1.0, mode=MaskMode.ALL_OLD, ce_weight=0.5)
     assert torch.equal(got, small)
     del z, base

@@ -98,9 +98,9 @@ def _consts(z, o, w, labels, sel, dtype64=True):
     c_ce = torch.rand(sel.shape, generator=g, dtype=torch.float64) - 0.5
     use_new = sel == 2
     consts = torch.stack([
-        ref(p[:, 0]), p[:, 2], p[:, 3],
-        torch.where(use_new, ref(p[:, 11]), ref(p[:, 5])),
-        torch.where(use_new, p[:, 13], p[:, 7]),
+        ref(p[:, Partial.Z_MAX]), p[:, Partial.Z_ST], p[:, Partial.Z_S1],
+        torch.where(use_new, ref(p[:, Partial.W_MAX]), ref(p[:, Partial.O_MAX])),
+        torch.where(use_new, p[:, Partial.W_S], p[:, Partial.O_S]),
         c_kl, c_ce, sel.double()], 1)
     consts[1, 5:7] = float("nan")  # an out-of-range label: the caller sets NaN, the row is NaN
     return consts
