@@ -67,7 +67,8 @@ def _check_number(name: str, value, *, positive: bool) -> float:
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-        raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value}")
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value}")
     return value
 
 
@@ -125,7 +126,8 @@ def check_options(labels, lead, device, *, has_new, mask, temperature, kl_weight
         if mask.dtype.is_complex:
             raise TypeError(f"mask tensor must be bool or 0/1 numbers, got {mask.dtype}")
         mask_flat = _check_token_tensor("mask", mask, lead, device, integer=False)
-        mask_flat, mask_name, mask_mode = mask_flat.to(torch.float32).contiguous(), None, MaskMode.GIVEN
+        mask_flat = mask_flat.to(torch.float32).contiguous()
+        mask_name, mask_mode = None, MaskMode.GIVEN
     else:
         raise TypeError(f"mask must be a name or a tensor, got {type(mask).__name__}")
     if sequence_ids is not None:

@@ -43,7 +43,8 @@ def _check_head(prefix: str, hidden, weight, bias, lead, vocab: Optional[int], d
     return hidden.reshape(-1, hidden.shape[-1]), weight, bias
 
 
-def _check_teacher(name: str, hidden, weight, bias, logits, lead, vocab, device) -> Optional[Teacher]:
+def _check_teacher(name: str, hidden, weight, bias, logits, lead, vocab,
+                   device) -> Optional[Teacher]:
     if logits is not None:
         if hidden is not None or weight is not None or bias is not None:
             raise ValueError(f"give {name}_logits or ({name}_hidden, {name}_weight), not both")

@@ -45,8 +45,9 @@ def fused_compat_loss(
         loss_i = kl_weight * where(m, kl_old, kl_new) + ce_weight * ce
 
     with ``m`` the token mask (``mask=``: ``"muscle"`` aligns token i to the old model where the
-    student's argmax misses the label; see docs/SPEC.md section 2 for every mask). Forward and gradient
-    run in one fused kernel (Triton on CUDA, C++ on CPU); the backward reuses that gradient.
+    student's argmax misses the label; see docs/SPEC.md section 2 for every mask). Forward and
+    gradient run in one fused kernel (Triton on CUDA, C++ on CPU); the backward reuses that
+    gradient.
 
     Args:
         logits: student logits [N, V] or [B, T, V], fp32/bf16/fp16, unit stride on V.

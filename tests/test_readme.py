@@ -15,5 +15,6 @@ def test_usage_example_runs(capsys):
         exec(compile(code, "README.md:usage", "exec"), {})
     out = capsys.readouterr().out
     # e.g. float(loss) on a tensor that requires grad warns; the example must not
-    assert not [w for w in seen if "requires_grad" in str(w.message)], [str(w.message) for w in seen]
+    messages = [str(w.message) for w in seen]
+    assert not [m for m in messages if "requires_grad" in m], messages
     assert "frac_to_old" in out and "torch" in out

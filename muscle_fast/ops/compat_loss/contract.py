@@ -1,4 +1,4 @@
-"""The row contract every backend implements (README.md beside this file): named columns, mask codes.
+"""The row contract every backend implements (README.md beside this file): columns, mask codes.
 
 Kernels index these tensors by number; everything else names the column. The native extension
 exports the same numbers from ``csrc/compat_loss.h`` and ``native.py`` compares them at import.

@@ -26,7 +26,8 @@ def compat_loss_rows(
     kl_weight: float, ce_weight: float, ignore_index: int, old_label_logprob: bool, with_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
     """Row stats [B*T, N_STATS] and, when ``with_grad``, the gradient (else an empty tensor)."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad else None
+    grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad
+            else None)
     rows = backend(impl).rows(
         logits, labels, old_logits, new_logits, mask, grad, scale,
         mask_mode=mask_mode, inv_temperature=inv_temperature, kl_weight=kl_weight,
