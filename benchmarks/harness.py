@@ -22,6 +22,8 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from muscle_fast.ops.compat_loss.contract import N_STATS
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -284,15 +286,15 @@ def byte_counts(case: Case, backend: str, inputs: dict) -> tuple:
     floor = N * V * e * (1 + n_teachers + (1 if full else 0))
     design = float("nan")
     if backend.startswith("muscle_fast[triton") or backend.startswith("muscle_fast[native"):
-        design = N * V * e * (1 + n_teachers) + N * 72  # statistics pass + row stats
-        if full:
-            if backend.startswith("muscle_fast[triton") and V <= 8192:
-                design += N * V * e  # row kept on chip: gradient written only
-            else:
-                if case.has_new:
-                    n_sel = N
-                else:  # old_correct without new: only rows aligned to old reread the teacher
-                    n_sel = int((inputs["o"].argmax(-1) == inputs["y"]).sum())
+        n_sel = N  # rows that reread their selected teacher in the gradient pass
+        if full and not case.has_new:  # old_correct without new: only rows aligned to old
+            n_sel = int((inputs["o"].argmax(-1) == inputs["y"]).sum())
+        if backend.startswith("muscle_fast[triton"):
+            from muscle_fast.ops.compat_loss.triton import design_bytes
+            design = design_bytes(N, V, e, teachers=n_teachers, grad=full, teacher_rows=n_sel)
+        else:  # the native kernel walks every row twice (statistics, then gradient)
+            design = N * V * e * (1 + n_teachers) + N * N_STATS * 4
+            if full:
                 design += N * V * 2 * e + n_sel * V * e  # student reread, grad, teacher reread
     return floor, design
 

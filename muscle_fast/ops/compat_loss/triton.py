@@ -7,9 +7,26 @@ import torch
 import triton
 import triton.language as tl
 
-from .vocab_parallel import N_PARTIALS, N_ROW_CONSTS
+from .contract import (N_PARTIALS, N_ROW_CONSTS, N_STATS, SEL_IGNORED, SEL_NEW, SEL_OLD, MaskMode,
+                       Partial, RowConst, Stat)
 
-N_ROW_STATS = 9
+# contract.py's columns and codes as constexprs: @triton.jit code reads only constexpr globals
+_c = tl.constexpr
+N_STATS_C, N_PARTIALS_C, N_ROW_CONSTS_C = _c(N_STATS), _c(N_PARTIALS), _c(N_ROW_CONSTS)
+S_LOSS, S_TO_OLD, S_HIT_STUDENT = _c(Stat.LOSS.value), _c(Stat.TO_OLD.value), _c(Stat.HIT_STUDENT.value)
+S_HIT_OLD, S_HIT_NEW, S_KL_OLD = _c(Stat.HIT_OLD.value), _c(Stat.HIT_NEW.value), _c(Stat.KL_OLD.value)
+S_KL_NEW, S_CE, S_OLD_LOGP = _c(Stat.KL_NEW.value), _c(Stat.CE.value), _c(Stat.OLD_LOGP.value)
+P_Z_MAX, P_Z_ARG, P_Z_ST = _c(Partial.Z_MAX.value), _c(Partial.Z_ARG.value), _c(Partial.Z_ST.value)
+P_Z_S1, P_Z_Y, P_O_MAX = _c(Partial.Z_S1.value), _c(Partial.Z_Y.value), _c(Partial.O_MAX.value)
+P_O_ARG, P_O_S, P_O_A = _c(Partial.O_ARG.value), _c(Partial.O_S.value), _c(Partial.O_A.value)
+P_O_S1, P_O_Y, P_W_MAX = _c(Partial.O_S1.value), _c(Partial.O_Y.value), _c(Partial.W_MAX.value)
+P_W_ARG, P_W_S, P_W_A = _c(Partial.W_ARG.value), _c(Partial.W_S.value), _c(Partial.W_A.value)
+C_ZREF, C_S_T, C_S_1 = _c(RowConst.ZREF.value), _c(RowConst.S_T.value), _c(RowConst.S_1.value)
+C_TREF, C_S_TT, C_C_KL = _c(RowConst.TREF.value), _c(RowConst.S_TT.value), _c(RowConst.C_KL.value)
+C_C_CE, C_SEL = _c(RowConst.C_CE.value), _c(RowConst.SEL.value)
+M_GIVEN, M_MUSCLE, M_OLD_CORRECT = _c(MaskMode.GIVEN.value), _c(MaskMode.MUSCLE.value), _c(MaskMode.OLD_CORRECT.value)
+M_TOKEN_LIKELIHOOD, M_ALL_OLD = _c(MaskMode.TOKEN_LIKELIHOOD.value), _c(MaskMode.ALL_OLD.value)
+SEL_IGNORED_C, SEL_OLD_C, SEL_NEW_C = _c(float(SEL_IGNORED)), _c(float(SEL_OLD)), _c(float(SEL_NEW))
 # A row whose vocabulary fits in one block of at most this many columns is read once and kept in
 # registers; longer rows are streamed in LOOP_BLOCK_V columns and read twice.
 MAX_FUSED_BLOCK_V = 8192
@@ -51,32 +68,60 @@ def _teacher_step(x, z, cols, V, y, best, arg, s, a, s_1, x_y, inv_t, AT_ONE: tl
 
 
 @triton.jit
+def _stats_block(z, o, w, cols, V, y, inv_t, zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1,
+                 o_y, wb, w_arg, s_w, a_w, s_w1, w_y, HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr):
+    """One block of the statistics pass: the running statistics updated with columns ``cols``."""
+    zb, z_arg, s_st, s_s1, z_y = _student_step(z, cols, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
+    ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
+        o, z, cols, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
+    if HAS_NEW:
+        wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
+            w, z, cols, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
+    return zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w, s_w1, w_y
+
+
+@triton.jit
 def _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V: tl.constexpr,
-                HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr):
+                HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
     """Streaming statistics of one row over columns [0, v_lim), BLOCK_V at a time: maxima, first
-    argmax, exp sums relative to the running maxima, teacher KL partials, label logits."""
+    argmax, exp sums relative to the running maxima, teacher KL partials, label logits. With
+    SINGLE_BLOCK the row is one block and its loaded values are returned too (for the gradient)."""
     NEG: tl.constexpr = float("-inf")
-    cols0 = tl.arange(0, BLOCK_V)
+    cols0 = tl.arange(0, BLOCK_V)  # [BLOCK_V]
     ninf = tl.full([], NEG, tl.float32)
     zero = tl.full([], 0.0, tl.float32)
     izero = tl.full([], 0, tl.int32)
     zb, z_arg, s_st, s_s1, z_y = ninf, izero, zero, zero, zero
     ob, o_arg, s_o, a_o, s_o1, o_y = ninf, izero, zero, zero, zero, zero
     wb, w_arg, s_w, a_w, s_w1, w_y = ninf, izero, zero, zero, zero, zero
-    for start in range(0, v_lim, BLOCK_V):
-        cols = start + cols0
-        cm = cols < V
-        z = tl.load(z_row + cols, mask=cm, other=NEG).to(tl.float32)
-        o = tl.load(o_row + cols, mask=cm, other=NEG).to(tl.float32)
-        zb, z_arg, s_st, s_s1, z_y = _student_step(
-            z, cols, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
-        ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
-            o, z, cols, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
+    if SINGLE_BLOCK:
+        cm = cols0 < v_lim
+        z = tl.load(z_row + cols0, mask=cm, other=NEG).to(tl.float32)
+        o = tl.load(o_row + cols0, mask=cm, other=NEG).to(tl.float32)
+        w = o
         if HAS_NEW:
-            w = tl.load(w_row + cols, mask=cm, other=NEG).to(tl.float32)
-            wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
-                w, z, cols, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
-    return zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w
+            w = tl.load(w_row + cols0, mask=cm, other=NEG).to(tl.float32)
+        (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w, s_w1,
+         w_y) = _stats_block(z, o, w, cols0, V, y, inv_t, zb, z_arg, s_st, s_s1, z_y, ob, o_arg,
+                             s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w, s_w1, w_y, HAS_NEW, OLD_AT_ONE)
+    else:
+        z = tl.zeros([BLOCK_V], tl.float32)
+        o = z
+        w = z
+        for start in range(0, v_lim, BLOCK_V):
+            cols = start + cols0
+            cm = cols < V
+            zc = tl.load(z_row + cols, mask=cm, other=NEG).to(tl.float32)
+            oc = tl.load(o_row + cols, mask=cm, other=NEG).to(tl.float32)
+            wc = oc
+            if HAS_NEW:
+                wc = tl.load(w_row + cols, mask=cm, other=NEG).to(tl.float32)
+            (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w, s_w1,
+             w_y) = _stats_block(zc, oc, wc, cols, V, y, inv_t, zb, z_arg, s_st, s_s1, z_y, ob,
+                                 o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w, s_w1, w_y,
+                                 HAS_NEW, OLD_AT_ONE)
+    return (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w,
+            z, o, w)
 
 
 @triton.jit
@@ -125,27 +170,10 @@ def _compat_loss_kernel(
     cols0 = tl.arange(0, BLOCK_V)  # [BLOCK_V]
     NEG: tl.constexpr = float("-inf")
 
-    ninf = tl.full([], NEG, tl.float32)
-    zero = tl.full([], 0.0, tl.float32)
-    izero = tl.full([], 0, tl.int32)
-    zb, z_arg, s_st, s_s1, z_y = ninf, izero, zero, zero, zero
-    ob, o_arg, s_o, a_o, s_o1, o_y = ninf, izero, zero, zero, zero, zero
-    wb, w_arg, s_w, a_w, s_w1, w_y = ninf, izero, zero, zero, zero, zero
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
-    if SINGLE_BLOCK:
-        cm = cols0 < v_lim
-        z = tl.load(z_row + cols0, mask=cm, other=NEG).to(tl.float32)
-        o = tl.load(o_row + cols0, mask=cm, other=NEG).to(tl.float32)
-        zb, z_arg, s_st, s_s1, z_y = _student_step(z, cols0, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
-        ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
-            o, z, cols0, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
-        if HAS_NEW:
-            w = tl.load(w_row + cols0, mask=cm, other=NEG).to(tl.float32)
-            wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
-                w, z, cols0, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
-    else:
-        (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w,
-         a_w) = _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V, HAS_NEW, OLD_AT_ONE)
+    (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w, z, o,
+     w) = _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V, HAS_NEW, OLD_AT_ONE,
+                      SINGLE_BLOCK)
 
     nan = float("nan")
     z_y = tl.where(y_ok, z_y, nan)
@@ -163,15 +191,15 @@ def _compat_loss_kernel(
         log_sw = tl.log(s_w)
         kl_new = (a_w / s_w - (ws - zs)) * inv_t - log_sw + log_st
 
-    if MASK_MODE == 0:
+    if MASK_MODE == M_GIVEN:
         to_old = tl.load(m_ptr + row) != 0
-    elif MASK_MODE == 1:
+    elif MASK_MODE == M_MUSCLE:
         to_old = z_arg != y
-    elif MASK_MODE == 2:
+    elif MASK_MODE == M_OLD_CORRECT:
         to_old = o_arg == y
-    elif MASK_MODE == 3:
+    elif MASK_MODE == M_TOKEN_LIKELIHOOD:
         to_old = (z_y - zs - log_s1) < (o_y - os_ - tl.log(s_o1))
-    else:
+    else:  # M_ALL_OLD
         to_old = y == y
 
     loss = 0.0
@@ -181,22 +209,22 @@ def _compat_loss_kernel(
         loss += ce_weight * ce
     loss = tl.where(y_ok, loss, nan)
 
-    out = out_ptr + row * 9
-    tl.store(out + 0, tl.where(active, loss, 0.0))
-    tl.store(out + 1, tl.where(active & to_old, 1.0, 0.0))
-    tl.store(out + 2, tl.where(active & (z_arg == y), 1.0, 0.0))
-    tl.store(out + 3, tl.where(active & (o_arg == y), 1.0, 0.0))
+    out = out_ptr + row * N_STATS_C
+    tl.store(out + S_LOSS, tl.where(active, loss, 0.0))
+    tl.store(out + S_TO_OLD, tl.where(active & to_old, 1.0, 0.0))
+    tl.store(out + S_HIT_STUDENT, tl.where(active & (z_arg == y), 1.0, 0.0))
+    tl.store(out + S_HIT_OLD, tl.where(active & (o_arg == y), 1.0, 0.0))
     if HAS_NEW:
-        tl.store(out + 4, tl.where(active & (w_arg == y), 1.0, 0.0))
+        tl.store(out + S_HIT_NEW, tl.where(active & (w_arg == y), 1.0, 0.0))
     else:
-        tl.store(out + 4, 0.0)
-    tl.store(out + 5, tl.where(active, kl_old, 0.0))
-    tl.store(out + 6, tl.where(active, kl_new, 0.0))
-    tl.store(out + 7, tl.where(active, ce, 0.0))
+        tl.store(out + S_HIT_NEW, 0.0)
+    tl.store(out + S_KL_OLD, tl.where(active, kl_old, 0.0))
+    tl.store(out + S_KL_NEW, tl.where(active, kl_new, 0.0))
+    tl.store(out + S_CE, tl.where(active, ce, 0.0))
     if OLD_AT_ONE:
-        tl.store(out + 8, tl.where(active, (o_y - os_) - tl.log(s_o1), 0.0))
+        tl.store(out + S_OLD_LOGP, tl.where(active, (o_y - os_) - tl.log(s_o1), 0.0))
     else:
-        tl.store(out + 8, 0.0)
+        tl.store(out + S_OLD_LOGP, 0.0)
 
     if HAS_GRAD:
         scale = tl.load(scale_ptr)
@@ -267,38 +295,38 @@ def _compat_partials_kernel(
     active = y != ignore_index
     own = (y >= 0) & (y < V)
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
-    (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w,
-     a_w) = _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V, HAS_NEW, OLD_AT_ONE)
+    (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w, _, _,
+     _) = _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V, HAS_NEW, OLD_AT_ONE, False)
 
     # a label that is not this slice's may have matched a masked column past V: drop it
     z_y = tl.where(own, z_y, 0.0)
-    out = out_ptr + row * 15  # N_PARTIALS columns
-    tl.store(out + 0, tl.where(active, zb, 0.0))
-    tl.store(out + 1, tl.where(active, z_arg.to(tl.float32), 0.0))
-    tl.store(out + 2, tl.where(active, s_st, 0.0))
-    tl.store(out + 3, tl.where(active, s_s1, 0.0))
-    tl.store(out + 4, tl.where(active, z_y, 0.0))
-    tl.store(out + 5, tl.where(active, ob, 0.0))
-    tl.store(out + 6, tl.where(active, o_arg.to(tl.float32), 0.0))
-    tl.store(out + 7, tl.where(active, s_o, 0.0))
+    out = out_ptr + row * N_PARTIALS_C
+    tl.store(out + P_Z_MAX, tl.where(active, zb, 0.0))
+    tl.store(out + P_Z_ARG, tl.where(active, z_arg.to(tl.float32), 0.0))
+    tl.store(out + P_Z_ST, tl.where(active, s_st, 0.0))
+    tl.store(out + P_Z_S1, tl.where(active, s_s1, 0.0))
+    tl.store(out + P_Z_Y, tl.where(active, z_y, 0.0))
+    tl.store(out + P_O_MAX, tl.where(active, ob, 0.0))
+    tl.store(out + P_O_ARG, tl.where(active, o_arg.to(tl.float32), 0.0))
+    tl.store(out + P_O_S, tl.where(active, s_o, 0.0))
     # the row kernel scales A by k at the end; the partials carry it scaled
-    tl.store(out + 8, tl.where(active, a_o * inv_t, 0.0))
+    tl.store(out + P_O_A, tl.where(active, a_o * inv_t, 0.0))
     if OLD_AT_ONE:
-        tl.store(out + 9, tl.where(active, s_o1, 0.0))
-        tl.store(out + 10, tl.where(active & own, o_y, 0.0))
+        tl.store(out + P_O_S1, tl.where(active, s_o1, 0.0))
+        tl.store(out + P_O_Y, tl.where(active & own, o_y, 0.0))
     else:
-        tl.store(out + 9, 0.0)
-        tl.store(out + 10, 0.0)
+        tl.store(out + P_O_S1, 0.0)
+        tl.store(out + P_O_Y, 0.0)
     if HAS_NEW:
-        tl.store(out + 11, tl.where(active, wb, 0.0))
-        tl.store(out + 12, tl.where(active, w_arg.to(tl.float32), 0.0))
-        tl.store(out + 13, tl.where(active, s_w, 0.0))
-        tl.store(out + 14, tl.where(active, a_w * inv_t, 0.0))
+        tl.store(out + P_W_MAX, tl.where(active, wb, 0.0))
+        tl.store(out + P_W_ARG, tl.where(active, w_arg.to(tl.float32), 0.0))
+        tl.store(out + P_W_S, tl.where(active, s_w, 0.0))
+        tl.store(out + P_W_A, tl.where(active, a_w * inv_t, 0.0))
     else:
-        tl.store(out + 11, 0.0)
-        tl.store(out + 12, 0.0)
-        tl.store(out + 13, 0.0)
-        tl.store(out + 14, 0.0)
+        tl.store(out + P_W_MAX, 0.0)
+        tl.store(out + P_W_ARG, 0.0)
+        tl.store(out + P_W_S, 0.0)
+        tl.store(out + P_W_A, 0.0)
 
 
 @triton.jit
@@ -327,23 +355,23 @@ def _compat_grad_rows_kernel(
     w_row = w_ptr + b * w_sb + tok * w_st
     g_row = g_ptr + b * g_sb + tok * g_st
     y = tl.load(y_ptr + row)
-    c = c_ptr + row * 8  # N_ROW_CONSTS columns
-    zs = tl.load(c + 0)
-    log_st = tl.log(tl.load(c + 1))
-    log_s1 = tl.log(tl.load(c + 2))
-    c_kl = tl.load(c + 5)
-    c_ce = tl.load(c + 6)
-    sel = tl.load(c + 7)
-    active = sel != -1.0
-    use_old = sel == 1.0
-    use_new = sel == 2.0
+    c = c_ptr + row * N_ROW_CONSTS_C
+    zs = tl.load(c + C_ZREF)
+    log_st = tl.log(tl.load(c + C_S_T))
+    log_s1 = tl.log(tl.load(c + C_S_1))
+    c_kl = tl.load(c + C_C_KL)
+    c_ce = tl.load(c + C_C_CE)
+    sel = tl.load(c + C_SEL)
+    active = sel != SEL_IGNORED_C
+    use_old = sel == SEL_OLD_C
+    use_new = sel == SEL_NEW_C
     has_t = use_old
     if HAS_NEW:
         has_t = use_old | use_new
     # without a teacher term the teacher reads as -inf and p_t = exp(-inf - 0) = 0 exactly,
     # whatever the caller left in tref and S_tt
-    ts = tl.where(has_t, tl.load(c + 3), 0.0)
-    log_tt = tl.where(has_t, tl.log(tl.load(c + 4)), 0.0)
+    ts = tl.where(has_t, tl.load(c + C_TREF), 0.0)
+    log_tt = tl.where(has_t, tl.log(tl.load(c + C_S_TT)), 0.0)
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
     o_lim = tl.where(active & use_old, V, 0)
     w_lim = tl.where(active & use_new, V, 0)
@@ -382,6 +410,29 @@ def _scale_rows_kernel(g_ptr, g_sb, g_st, go_ptr, T_LEN, V, PER_ROW: tl.constexp
         tl.store(g_row + cols, (g * go).to(g_ptr.dtype.element_ty), mask=cm)
 
 
+def single_block(vocab: int) -> bool:
+    """Whether a row of ``vocab`` columns is kept in registers (read once) by the row kernel."""
+    return triton.next_power_of_2(vocab) <= MAX_FUSED_BLOCK_V
+
+
+def design_bytes(n_rows: int, vocab: int, elem: int, *, teachers: int, grad: bool,
+                 teacher_rows: Optional[int] = None) -> int:
+    """DRAM bytes ``_compat_loss_kernel`` moves by its design for ``n_rows`` valid rows of
+    ``vocab`` columns, ``elem`` bytes an element, ``teachers`` teacher rows given (1 or 2).
+
+    Statistics pass: student + every given teacher read once, ``N_STATS`` float32 written. With a
+    gradient, a one-block row writes it only; a longer row reads the student again and writes the
+    gradient, and ``teacher_rows`` rows (default: all) read their selected teacher again.
+    """
+    stats = n_rows * vocab * elem * (1 + teachers) + n_rows * N_STATS * 4
+    if not grad:
+        return stats
+    if single_block(vocab):
+        return stats + n_rows * vocab * elem
+    teacher_rows = n_rows if teacher_rows is None else teacher_rows
+    return stats + n_rows * vocab * 2 * elem + teacher_rows * vocab * elem
+
+
 def _blocks(vocab: int):
     block = triton.next_power_of_2(vocab)
     if block <= MAX_FUSED_BLOCK_V:
@@ -418,7 +469,7 @@ def compat_loss_triton(
     """
     B, T, V = logits.shape
     n = B * T
-    out = torch.empty((n, N_ROW_STATS), dtype=torch.float32, device=logits.device)
+    out = torch.empty((n, N_STATS), dtype=torch.float32, device=logits.device)
     if n == 0:
         return out
     single, block = _blocks(V)
@@ -432,7 +483,7 @@ def compat_loss_triton(
         labels, mask if mask is not None else labels, scale, out,
         T, V, float(inv_temperature), float(kl_weight), float(ce_weight), int(ignore_index),
         HAS_NEW=new_logits is not None, MASK_MODE=int(mask_mode),
-        OLD_AT_ONE=bool(old_label_logprob or mask_mode == 3),
+        OLD_AT_ONE=bool(old_label_logprob or mask_mode == MaskMode.TOKEN_LIKELIHOOD),
         HAS_GRAD=grad is not None, HAS_KL=kl_weight != 0, HAS_CE=ce_weight != 0,
         SINGLE_BLOCK=single, BLOCK_V=block, num_warps=_warps(block),
     )
