@@ -7,8 +7,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .contract import (N_PARTIALS, N_ROW_CONSTS, N_STATS, SEL_IGNORED, SEL_NEW, SEL_OLD, MaskMode,
-                       Partial, RowConst, Stat)
+from .contract import (
+    N_PARTIALS,
+    N_ROW_CONSTS,
+    N_STATS,
+    SEL_IGNORED,
+    SEL_NEW,
+    SEL_OLD,
+    MaskMode,
+    Partial,
+    RowConst,
+    Stat,
+)
 
 # contract.py's columns and codes as constexprs: @triton.jit code reads only constexpr globals
 _c = tl.constexpr
