@@ -664,3 +664,42 @@ def make_settings(device: torch.device, quick: bool) -> Settings:
     s.copy_gbps = copy_bandwidth(device, mb=1024 if device.type == "cuda" else 256)
     s.env = env_info(device)
     return s
+
+
+# ----------------------------------------------------------------------------- gpu_check.sh
+def vocab_correctness(V: int = 128256, lead=(4, 16), dtype: str = "bf16", impl: str = "triton",
+                      device: str = "cuda") -> int:
+    """Every mask at a real vocabulary: ``fused_compat_loss(impl=...)`` loss and gradient vs the
+    float64 reference on ``lead`` rows, the harness's rule (LOSS_RTOL, GRAD_RTOL). Prints one
+    line per mask; returns the number that failed (for benchmarks/gpu_check.sh)."""
+    import muscle_fast as mf
+    from muscle_fast.ops.compat_loss.reference import MASKS, compat_loss_reference
+
+    g = torch.Generator(device=device).manual_seed(0)
+    base = 2 * torch.randn(*lead, V, device=device, generator=g)
+    z = base.to(DTYPES[dtype])
+    o = (base + torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
+    w = (base + 0.5 * torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
+    y = torch.where(torch.rand(lead, device=device, generator=g) < 0.5, base.argmax(-1),
+                    torch.randint(0, V, lead, device=device, generator=g))
+    y.view(-1)[:2] = -100
+    up = torch.randn(lead, device=device, generator=g)
+    failed = 0
+    for mask in MASKS:
+        for reduction, upstream in (("mean", None), ("none", up)):
+            kw = dict(mask=mask, temperature=TEMPERATURE, ce_weight=0.1, reduction=reduction)
+            zi = z.clone().requires_grad_(True)
+            loss = mf.fused_compat_loss(zi, y, o, w, impl=impl, **kw)
+            loss.backward(upstream)
+            z64 = z.double().requires_grad_(True)
+            ref = compat_loss_reference(z64, y, o.double(), w.double(), **kw)
+            ref.backward(None if upstream is None else upstream.double())
+            err_loss = float((loss.double() - ref).abs().max()) / max(float(ref.abs().max()), 1e-3)
+            err_grad = (float((zi.grad.double() - z64.grad).abs().max())
+                        / max(float(z64.grad.abs().max()), 1e-30))
+            ok = err_loss <= LOSS_RTOL and err_grad <= GRAD_RTOL[dtype]
+            failed += not ok
+            print(f"{impl} V={V} {dtype} rows={math.prod(lead)} mask={mask} reduction={reduction}: "
+                  f"err_loss {err_loss:.2e} err_grad {err_grad:.2e} {'ok' if ok else 'WRONG'}",
+                  flush=True)
+    return failed

@@ -1,6 +1,7 @@
 """Triton kernels of the compat loss: one program per token row (math and contract: README.md)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -420,6 +421,11 @@ def _scale_rows_kernel(g_ptr, g_sb, g_st, go_ptr, T_LEN, V, PER_ROW: tl.constexp
         tl.store(g_row + cols, (g * go).to(g_ptr.dtype.element_ty), mask=cm)
 
 
+def _on_device_of(t: torch.Tensor):
+    """Launch on ``t``'s GPU, whichever device is current (Triton launches on the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def single_block(vocab: int) -> bool:
     """Whether a row of ``vocab`` columns is kept in registers (read once) by the row kernel."""
     return triton.next_power_of_2(vocab) <= MAX_FUSED_BLOCK_V
@@ -485,18 +491,19 @@ def compat_loss_triton(
     single, block = _blocks(V)
     w = new_logits if new_logits is not None else old_logits
     g = grad if grad is not None else logits
-    _compat_loss_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1),
-        old_logits, old_logits.stride(0), old_logits.stride(1),
-        w, w.stride(0), w.stride(1),
-        g, g.stride(0), g.stride(1),
-        labels, mask if mask is not None else labels, scale, out,
-        T, V, float(inv_temperature), float(kl_weight), float(ce_weight), int(ignore_index),
-        HAS_NEW=new_logits is not None, MASK_MODE=int(mask_mode),
-        OLD_AT_ONE=bool(old_label_logprob or mask_mode == MaskMode.TOKEN_LIKELIHOOD),
-        HAS_GRAD=grad is not None, HAS_KL=kl_weight != 0, HAS_CE=ce_weight != 0,
-        SINGLE_BLOCK=single, BLOCK_V=block, num_warps=_warps(block),
-    )
+    with _on_device_of(logits):
+        _compat_loss_kernel[(n,)](
+            logits, logits.stride(0), logits.stride(1),
+            old_logits, old_logits.stride(0), old_logits.stride(1),
+            w, w.stride(0), w.stride(1),
+            g, g.stride(0), g.stride(1),
+            labels, mask if mask is not None else labels, scale, out,
+            T, V, float(inv_temperature), float(kl_weight), float(ce_weight), int(ignore_index),
+            HAS_NEW=new_logits is not None, MASK_MODE=int(mask_mode),
+            OLD_AT_ONE=bool(old_label_logprob or mask_mode == MaskMode.TOKEN_LIKELIHOOD),
+            HAS_GRAD=grad is not None, HAS_KL=kl_weight != 0, HAS_CE=ce_weight != 0,
+            SINGLE_BLOCK=single, BLOCK_V=block, num_warps=_warps(block),
+        )
     return out
 
 
@@ -522,15 +529,16 @@ def compat_partials_triton(
         return out
     _, block = _blocks(V)
     w = new_logits if new_logits is not None else old_logits
-    _compat_partials_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1),
-        old_logits, old_logits.stride(0), old_logits.stride(1),
-        w, w.stride(0), w.stride(1),
-        labels, out,
-        T, V, float(inv_temperature), int(ignore_index),
-        HAS_NEW=new_logits is not None, OLD_AT_ONE=bool(old_at_one),
-        BLOCK_V=block, num_warps=_warps(block),
-    )
+    with _on_device_of(logits):
+        _compat_partials_kernel[(n,)](
+            logits, logits.stride(0), logits.stride(1),
+            old_logits, old_logits.stride(0), old_logits.stride(1),
+            w, w.stride(0), w.stride(1),
+            labels, out,
+            T, V, float(inv_temperature), int(ignore_index),
+            HAS_NEW=new_logits is not None, OLD_AT_ONE=bool(old_at_one),
+            BLOCK_V=block, num_warps=_warps(block),
+        )
     return out
 
 
@@ -560,16 +568,17 @@ def compat_grad_rows_triton(
         raise ValueError(f"consts must be a contiguous float32 [B*T, {N_ROW_CONSTS}] tensor")
     _, block = _blocks(V)
     w = new_logits if new_logits is not None else old_logits
-    _compat_grad_rows_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1),
-        old_logits, old_logits.stride(0), old_logits.stride(1),
-        w, w.stride(0), w.stride(1),
-        grad, grad.stride(0), grad.stride(1),
-        labels, consts,
-        T, V, float(inv_temperature),
-        HAS_NEW=new_logits is not None, HAS_KL=bool(has_kl), HAS_CE=bool(has_ce),
-        BLOCK_V=block, num_warps=_warps(block),
-    )
+    with _on_device_of(logits):
+        _compat_grad_rows_kernel[(n,)](
+            logits, logits.stride(0), logits.stride(1),
+            old_logits, old_logits.stride(0), old_logits.stride(1),
+            w, w.stride(0), w.stride(1),
+            grad, grad.stride(0), grad.stride(1),
+            labels, consts,
+            T, V, float(inv_temperature),
+            HAS_NEW=new_logits is not None, HAS_KL=bool(has_kl), HAS_CE=bool(has_ce),
+            BLOCK_V=block, num_warps=_warps(block),
+        )
 
 
 def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
@@ -579,7 +588,8 @@ def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
         return
     block = min(triton.next_power_of_2(V), LOOP_BLOCK_V)
     go = grad_output.reshape(-1).to(torch.float32).contiguous()
-    _scale_rows_kernel[(B * T,)](
-        grad, grad.stride(0), grad.stride(1), go, T, V,
-        PER_ROW=grad_output.dim() > 0, BLOCK_V=block, num_warps=_warps(block),
-    )
+    with _on_device_of(grad):
+        _scale_rows_kernel[(B * T,)](
+            grad, grad.stride(0), grad.stride(1), go, T, V,
+            PER_ROW=grad_output.dim() > 0, BLOCK_V=block, num_warps=_warps(block),
+        )
