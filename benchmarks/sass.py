@@ -14,7 +14,7 @@ Per variant: registers, spills (local-memory stores), stack, shared memory, num_
 SM and resident warps (H100 and H200 share the SM: one figure), and per loop body (a backward
 branch in the SASS): instructions per column, barriers, shuffles, MUFU ops per column, global
 loads/stores by width. The **predicted** time is max(bytes / HBM bandwidth, issue-slot bound,
-MUFU bound) on each card, with the SPEC floor's bytes over the same bandwidth divided by it as
+MUFU bound, latency bound: one DRAM latency per loop iteration of each row in flight) on each card, with the SPEC floor's bytes over the same bandwidth divided by it as
 the predicted fraction of the floor. Every predicted_* column is a model, not a measurement;
 the model and its constants are in benchmarks/NOTES.md.
 """
@@ -47,6 +47,8 @@ REGS_PER_SM, WARPS_PER_SM, CTAS_PER_SM, SMEM_PER_SM = 65536, 64, 32, 228 * 1024
 # device-to-device copy in 2.0 ms, read + write counted); H100 SXM an assumption (about 90% of
 # its 3.35 TB/s datasheet figure), to be replaced by the harness's copy_gbps on a GPU.
 HBM = {"h100": 3.0e12, "h200": 4.3e12}
+# loaded DRAM latency for the latency bound: an assumption (not measured here)
+DRAM_LATENCY_S = 0.8e-6
 
 ELEM = {"bf16": 2, "fp32": 4, "fp16": 2}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -123,6 +125,7 @@ class _Capture:
         def launch(*args, **kwargs):
             compiled = self.fn.warmup(*args, grid=grid, **kwargs)
             consts = {k: v for k, v in kwargs.items() if k.isupper()}
+            consts["_kernel"] = self.fn.__name__
             self.sink.append((compiled, consts, kwargs.get("num_warps", 4)))
         return launch
 
@@ -226,7 +229,7 @@ def loops_of(instrs: list) -> list:
     out = []
     for addr, text in instrs:
         op = _op(text)
-        if op.startswith("BRA") or op.startswith("JMP"):
+        if op.startswith(("BRA", "JMP")):
             m = re.search(r"0x([0-9a-f]+)", text)
             if m and int(m.group(1), 16) < addr:  # (a branch to itself is the end-of-code trap)
                 out.append((int(m.group(1), 16), addr))
@@ -241,7 +244,8 @@ def loops_of(instrs: list) -> list:
 
 def count(instrs: list, lo: int = -1, hi: int = 1 << 62) -> dict:
     c = {"instr": 0, "bar": 0, "shfl": 0, "mufu": 0, "ldg_vec": 0, "ldg_scalar": 0,
-         "stg_vec": 0, "stg_scalar": 0, "ldg_bytes": 0, "stl": 0, "ldg16": 0}
+         "stg_vec": 0, "stg_scalar": 0, "ldg_bytes": 0, "stl": 0, "ldg16": 0,
+         "ldg_bytes_before_bar": 0}
     for addr, text in instrs:
         if not lo <= addr <= hi:
             continue
@@ -260,6 +264,8 @@ def count(instrs: list, lo: int = -1, hi: int = 1 << 62) -> dict:
             c["ldg_vec" if w >= 64 else "ldg_scalar"] += 1
             c["ldg_bytes"] += w // 8
             c["ldg16"] += w <= 16
+            if not c["bar"]:
+                c["ldg_bytes_before_bar"] += w // 8
         elif op.startswith("STG"):
             c["stg_vec" if _mem_width(op) >= 64 else "stg_scalar"] += 1
         elif op.startswith("STL"):
@@ -304,18 +310,25 @@ def analyse(v: Variant, compiled, consts: dict, warps: int, tk, commit: str, ver
     ctas = occupancy(regs, warps, shared)
     block = int(consts.get("BLOCK_V", 1))
     single = bool(consts.get("SINGLE_BLOCK", False))
-    cols_per_thread = max(1.0, block / (32 * warps))
     loops = loops_of(instrs)
     per_loop = [count(instrs, lo, hi) for lo, hi in loops]
     whole = count(instrs)
-    in_loops = sum(c["instr"] for c in per_loop)
-    straight = whole["instr"] - in_loops
-    iters = math.ceil(v.V / block)
-    # warp-instructions and warp-MUFU ops per row: every loop runs `iters` times (a pass that
-    # a row skips, or a masked tail, is counted as a full one: an upper bound)
-    warp_instr = warps * (straight + iters * in_loops)
+    # columns an iteration of each loop covers: the kernel module says (its design), else BLOCK_V
+    design = (tk.loop_columns(consts["_kernel"], block, single)
+              if hasattr(tk, "loop_columns") else [])  # kernels before loop_columns: BLOCK_V
+    cols_iter = [design[i] if i < len(design) else block for i in range(len(loops))]
+    cpt = [max(1.0, c / (32 * warps)) for c in cols_iter]  # columns per thread per iteration
+    iters = [math.ceil(v.V / c) for c in cols_iter]
+    cols_per_thread = max(1.0, (block if single else v.V) / (32 * warps))
+    # warp-instructions and warp-MUFU ops per row; every loop runs its full count (a pass that
+    # a row skips is counted: an upper bound); straight-line code once
+    warp_instr = warps * (whole["instr"] - sum(c["instr"] for c in per_loop)
+                          + sum(n * c["instr"] for n, c in zip(iters, per_loop)))
     warp_mufu = warps * (whole["mufu"] - sum(c["mufu"] for c in per_loop)
-                         + iters * sum(c["mufu"] for c in per_loop))
+                         + sum(n * c["mufu"] for n, c in zip(iters, per_loop)))
+    # latency: a loop body consumes its own loads (no software pipelining in these kernels), so
+    # each iteration of a row costs at least one DRAM latency, ctas rows in flight an SM
+    row_iters = sum(iters) if loops else 0
     fb, db = floor_bytes(v), design_bytes(v, tk)
     rows_per_wave = max(1, ctas) * SMS
     wave_q = math.ceil(v.N / rows_per_wave) / (v.N / rows_per_wave)
@@ -328,13 +341,16 @@ def analyse(v: Variant, compiled, consts: dict, warps: int, tk, commit: str, ver
         "local": usage.get("LOCAL", 0), "shared": shared,
         "ctas_per_sm": ctas, "resident_warps": ctas * warps,
         "loops": len(loops),
-        "loop_instr_per_col": ";".join(f"{c['instr'] / cols_per_thread:.1f}" for c in per_loop),
+        "loop_cols_per_iter": ";".join(str(c) for c in cols_iter),
+        "loop_instr_per_col": ";".join(f"{c['instr'] / n:.1f}" for c, n in zip(per_loop, cpt)),
         "loop_instr": ";".join(str(c["instr"]) for c in per_loop),
         "loop_barriers": max([c["bar"] for c in per_loop], default=0),
         "loop_shfl": ";".join(str(c["shfl"]) for c in per_loop),
-        "mufu_per_col": round(sum(c["mufu"] for c in per_loop) / cols_per_thread, 2) if loops
+        "mufu_per_col": round(sum(c["mufu"] / n for c, n in zip(per_loop, cpt)), 2) if loops
         else round(whole["mufu"] / cols_per_thread, 2),
         "loop_load_bytes_per_thread": ";".join(str(c["ldg_bytes"]) for c in per_loop),
+        "loop_load_bytes_before_barrier": ";".join(str(c["ldg_bytes_before_bar"])
+                                                   for c in per_loop),
         "vector_loads": whole["ldg_vec"], "scalar_loads": whole["ldg_scalar"],
         "loads_16bit": whole["ldg16"],
         "loop_scalar_loads": sum(c["ldg_scalar"] for c in per_loop),
@@ -346,10 +362,12 @@ def analyse(v: Variant, compiled, consts: dict, warps: int, tk, commit: str, ver
         t_bytes = db / bw
         t_issue = wave_q * v.N * warp_instr / (ISSUE_PER_CLK * SMS * CLOCK_HZ)
         t_mufu = wave_q * v.N * warp_mufu * 32 / (MUFU_PER_CLK * SMS * CLOCK_HZ)
-        t = max(t_bytes, t_issue, t_mufu)
+        t_lat = wave_q * v.N * row_iters * DRAM_LATENCY_S / (SMS * max(1, ctas))
+        t = max(t_bytes, t_issue, t_mufu, t_lat)
         row[f"predicted_bytes_ms_{card}"] = round(t_bytes * 1e3, 3)
         row[f"predicted_issue_ms_{card}"] = round(t_issue * 1e3, 3)
         row[f"predicted_mufu_ms_{card}"] = round(t_mufu * 1e3, 3)
+        row[f"predicted_latency_ms_{card}"] = round(t_lat * 1e3, 3)
         row[f"predicted_ms_{card}"] = round(t * 1e3, 3)
         row[f"predicted_floor_fraction_{card}"] = round(fb / bw / t, 3) if t else ""
         row[f"predicted_design_fraction_{card}"] = round(t_bytes / t, 3) if t else ""
