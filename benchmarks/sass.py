@@ -14,7 +14,8 @@ Per variant: registers, spills (local-memory stores), stack, shared memory, num_
 SM and resident warps (H100 and H200 share the SM: one figure), and per loop body (a backward
 branch in the SASS): instructions per column, barriers, shuffles, MUFU ops per column, global
 loads/stores by width. The **predicted** time is max(bytes / HBM bandwidth, issue-slot bound,
-MUFU bound, latency bound: one DRAM latency per loop iteration of each row in flight) on each card, with the SPEC floor's bytes over the same bandwidth divided by it as
+MUFU bound, latency bound: one DRAM latency plus the barrier chain per loop iteration of each
+row in flight) on each card, with the SPEC floor's bytes over the same bandwidth divided by it as
 the predicted fraction of the floor. Every predicted_* column is a model, not a measurement;
 the model and its constants are in benchmarks/NOTES.md.
 """
@@ -49,6 +50,9 @@ REGS_PER_SM, WARPS_PER_SM, CTAS_PER_SM, SMEM_PER_SM = 65536, 64, 32, 228 * 1024
 HBM = {"h100": 3.0e12, "h200": 4.3e12}
 # loaded DRAM latency for the latency bound: an assumption (not measured here)
 DRAM_LATENCY_S = 0.8e-6
+# a barrier of a block-wide reduction on the dependent chain of a loop iteration (barrier +
+# shared-memory round trip + shuffles, about 60 clocks): an assumption (not measured here)
+BAR_CHAIN_S = 60 / CLOCK_HZ
 
 ELEM = {"bf16": 2, "fp32": 4, "fp16": 2}
 TORCH_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -327,8 +331,10 @@ def analyse(v: Variant, compiled, consts: dict, warps: int, tk, commit: str, ver
     warp_mufu = warps * (whole["mufu"] - sum(c["mufu"] for c in per_loop)
                          + sum(n * c["mufu"] for n, c in zip(iters, per_loop)))
     # latency: a loop body consumes its own loads (no software pipelining in these kernels), so
-    # each iteration of a row costs at least one DRAM latency, ctas rows in flight an SM
-    row_iters = sum(iters) if loops else 0
+    # each iteration of a row costs at least one DRAM latency, plus the dependent chain of its
+    # block-wide reductions (BAR_CHAIN_S a barrier); ctas_per_sm rows in flight an SM
+    row_latency = sum(n * (DRAM_LATENCY_S + c["bar"] * BAR_CHAIN_S)
+                      for n, c in zip(iters, per_loop))
     fb, db = floor_bytes(v), design_bytes(v, tk)
     rows_per_wave = max(1, ctas) * SMS
     wave_q = math.ceil(v.N / rows_per_wave) / (v.N / rows_per_wave)
@@ -362,7 +368,7 @@ def analyse(v: Variant, compiled, consts: dict, warps: int, tk, commit: str, ver
         t_bytes = db / bw
         t_issue = wave_q * v.N * warp_instr / (ISSUE_PER_CLK * SMS * CLOCK_HZ)
         t_mufu = wave_q * v.N * warp_mufu * 32 / (MUFU_PER_CLK * SMS * CLOCK_HZ)
-        t_lat = wave_q * v.N * row_iters * DRAM_LATENCY_S / (SMS * max(1, ctas))
+        t_lat = wave_q * v.N * row_latency / (SMS * max(1, ctas))
         t = max(t_bytes, t_issue, t_mufu, t_lat)
         row[f"predicted_bytes_ms_{card}"] = round(t_bytes * 1e3, 3)
         row[f"predicted_issue_ms_{card}"] = round(t_issue * 1e3, 3)
