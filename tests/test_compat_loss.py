@@ -226,6 +226,14 @@ def test_masked_vocabulary_columns(impl, dtype, block_path):
 
 
 @pytest.mark.parametrize("impl", FUSED)
+def test_teachers_of_two_dtypes(impl, block_path):
+    """old and new in different dtypes (each teacher has its own): the gradient pass reads the
+    selected teacher in its own dtype, row by row."""
+    logits, labels, old, new = make_inputs((2, 5), 37, torch.bfloat16)
+    check_case(impl, logits, labels, old.float(), new, mask="muscle", ce_weight=0.25)
+
+
+@pytest.mark.parametrize("impl", FUSED)
 def test_teacher_only_masked_column(impl):
     """A column where only the teacher is -inf: p_t = 0 there, the KL stays finite and exact."""
     logits, labels, old, new = make_inputs((5,), 21)

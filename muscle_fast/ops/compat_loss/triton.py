@@ -216,32 +216,48 @@ def _grad_block(z, t, cols, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2,
 
 
 @triton.jit
-def _grad_loads(z_row, t_row, cols, cm, z_lim, t_lim, HAS_KL: tl.constexpr):
-    """The student and teacher columns of one masked gradient block (-inf where not read)."""
-    z = tl.load(z_row + cols, mask=cm & (cols < z_lim), other=NEG_INF).to(tl.float32)
-    t = tl.full(cols.shape, NEG_INF, tl.float32)
-    if HAS_KL:
-        t = tl.load(t_row + cols, mask=cm & (cols < t_lim), other=NEG_INF).to(tl.float32)
-    return z, t
+def _teacher_block(o_row, w_row, cols, t_lim, o_lim, w_lim, use_new, HAS_NEW: tl.constexpr):
+    """The selected teacher's columns (-inf where not read): one load through the selected row
+    when both teachers share a dtype, else each teacher read only where it is the selected one."""
+    if HAS_NEW:
+        if o_row.dtype == w_row.dtype:
+            t = tl.load(tl.where(use_new, w_row, o_row) + cols, mask=cols < t_lim,
+                        other=NEG_INF).to(tl.float32)
+        else:
+            t = tl.load(o_row + cols, mask=cols < o_lim, other=NEG_INF).to(tl.float32)
+            tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG_INF).to(tl.float32)
+            t = tl.where(use_new, tn, t)
+    else:
+        t = tl.load(o_row + cols, mask=cols < t_lim, other=NEG_INF).to(tl.float32)
+    return t
 
 
 @triton.jit
-def _grad_row(z_row, t_row, g_row, V, active, has_t, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce,
-              k2, SUB: tl.constexpr, HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
+def _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st, l2_s1, ts,
+              l2_tt, c_t, c_ce, k2, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
+              HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
     """The gradient pass over one row, from its last columns to its first (the blocks the
     statistics pass read last are the likeliest still in L2): the masked tail, then whole
-    iterations of two [SUB] blocks, all four loads at the top. Reads the student (not for an
-    ignored row) and, where has_t, the teacher; writes every column (zeros when not active).
-    Each block is read before it is written, so g may be the student."""
+    iterations of two [SUB] blocks, all loads at the top. Reads the student (not for an ignored
+    row) and the selected teacher (use_old: old, use_new: new, neither: none); writes every
+    column (zeros when not active). Each block is read before it is written, so g may be the
+    student."""
     lanes = tl.arange(0, SUB)  # [SUB]
     # V or 0 per row: as divisible as V, so the masks stay uniform over a vector of columns
     z_lim = tl.where(active, V, 0)
-    t_lim = tl.where(active & has_t, V, 0)
+    t_lim = tl.where(active & (use_old | use_new), V, 0)
+    o_lim = tl.where(active & use_old, V, 0)
+    w_lim = tl.where(active & use_new, V, 0)
     n_main = V // (2 * SUB)
     c0 = n_main * (2 * SUB) + lanes
     c1 = c0 + SUB
-    z0, t0 = _grad_loads(z_row, t_row, c0, c0 < V, z_lim, t_lim, HAS_KL)
-    z1, t1 = _grad_loads(z_row, t_row, c1, c1 < V, z_lim, t_lim, HAS_KL)
+    z0 = tl.load(z_row + c0, mask=c0 < z_lim, other=NEG_INF).to(tl.float32)
+    z1 = tl.load(z_row + c1, mask=c1 < z_lim, other=NEG_INF).to(tl.float32)
+    t0 = tl.full([SUB], NEG_INF, tl.float32)
+    t1 = t0
+    if HAS_KL:
+        t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+        t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW)
     g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
     g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
     tl.store(g_row + c0, tl.where(active, g0, 0.0).to(g_row.dtype.element_ty), mask=c0 < V)
@@ -254,8 +270,8 @@ def _grad_row(z_row, t_row, g_row, V, active, has_t, y, zs, l2_st, l2_s1, ts, l2
         t0 = tl.full([SUB], NEG_INF, tl.float32)
         t1 = t0
         if HAS_KL:
-            t0 = tl.load(t_row + c0, mask=c0 < t_lim, other=NEG_INF).to(tl.float32)
-            t1 = tl.load(t_row + c1, mask=c1 < t_lim, other=NEG_INF).to(tl.float32)
+            t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+            t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW)
         g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE,
                          HAS_KL)
         g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE,
@@ -389,11 +405,8 @@ def _compat_loss_kernel(
             tl.store(g_row + cols0, g.to(g_ptr.dtype.element_ty), mask=cols0 < V)
         else:
             # only the selected teacher's row is read again
-            t_row = o_row
-            if HAS_NEW:
-                t_row = tl.where(use_new, w_row, o_row)
-            _grad_row(z_row, t_row, g_row, V, active, use_old | use_new, y, zs, l2_st, l2_s1,
-                      ts, l2_tt, c_t, c_ce, k2, BLOCK_V, HAS_CE, HAS_KL)
+            _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st,
+                      l2_s1, ts, l2_tt, c_t, c_ce, k2, BLOCK_V, HAS_NEW, HAS_CE, HAS_KL)
 
 
 @triton.jit
@@ -493,17 +506,16 @@ def _compat_grad_rows_kernel(
     active = sel != SEL_IGNORED_C
     use_old = sel == SEL_OLD_C
     use_new = sel == SEL_NEW_C
-    has_t = use_old
-    t_row = o_row
-    if HAS_NEW:
-        has_t = use_old | use_new
-        t_row = tl.where(use_new, w_row, o_row)
+    if not HAS_NEW:
+        use_new = sel != sel  # no new teacher: sel 2 selects nothing
+    has_t = use_old | use_new
     # without a teacher term the teacher reads as -inf and p_t = exp(-inf - 0) = 0 exactly,
     # whatever the caller left in tref and S_tt
     ts = tl.where(has_t, tl.load(c + C_TREF), 0.0)
     log_tt = tl.where(has_t, tl.log(tl.load(c + C_S_TT)), 0.0)
-    _grad_row(z_row, t_row, g_row, V, active, has_t, y, zs, log_st * LOG2E, log_s1 * LOG2E, ts,
-              log_tt * LOG2E, c_kl, c_ce, inv_t * LOG2E, BLOCK_V, HAS_CE, HAS_KL)
+    _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, log_st * LOG2E,
+              log_s1 * LOG2E, ts, log_tt * LOG2E, c_kl, c_ce, inv_t * LOG2E, BLOCK_V, HAS_NEW,
+              HAS_CE, HAS_KL)
 
 
 @triton.jit
