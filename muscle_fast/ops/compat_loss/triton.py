@@ -614,7 +614,8 @@ def compat_loss_triton(
     Bytes moved per valid row: ``V * (e_z + e_o + e_w)`` read once; with a gradient, rows of at
     most ``MAX_FUSED_BLOCK_V`` columns add only ``V * e_g`` written, longer rows add
     ``V * (e_z + e_t + e_g)`` (student and the one selected teacher read again, gradient written).
-    An ignored row costs its gradient write of zeros only. Plus 72 bytes of row stats per row.
+    An ignored row costs its gradient write of zeros only. Plus N_STATS float32 (36 bytes) of row
+    stats per row (`design_bytes` counts all of this).
     """
     B, T, V = logits.shape
     n = B * T
