@@ -22,6 +22,8 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from muscle_fast.ops.compat_loss.contract import N_STATS
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -284,15 +286,15 @@ def byte_counts(case: Case, backend: str, inputs: dict) -> tuple:
     floor = N * V * e * (1 + n_teachers + (1 if full else 0))
     design = float("nan")
     if backend.startswith("muscle_fast[triton") or backend.startswith("muscle_fast[native"):
-        design = N * V * e * (1 + n_teachers) + N * 72  # statistics pass + row stats
-        if full:
-            if backend.startswith("muscle_fast[triton") and V <= 8192:
-                design += N * V * e  # row kept on chip: gradient written only
-            else:
-                if case.has_new:
-                    n_sel = N
-                else:  # old_correct without new: only rows aligned to old reread the teacher
-                    n_sel = int((inputs["o"].argmax(-1) == inputs["y"]).sum())
+        n_sel = N  # rows that reread their selected teacher in the gradient pass
+        if full and not case.has_new:  # old_correct without new: only rows aligned to old
+            n_sel = int((inputs["o"].argmax(-1) == inputs["y"]).sum())
+        if backend.startswith("muscle_fast[triton"):
+            from muscle_fast.ops.compat_loss.triton import design_bytes
+            design = design_bytes(N, V, e, teachers=n_teachers, grad=full, teacher_rows=n_sel)
+        else:  # the native kernel walks every row twice (statistics, then gradient)
+            design = N * V * e * (1 + n_teachers) + N * N_STATS * 4
+            if full:
                 design += N * V * 2 * e + n_sel * V * e  # student reread, grad, teacher reread
     return floor, design
 
@@ -662,3 +664,42 @@ def make_settings(device: torch.device, quick: bool) -> Settings:
     s.copy_gbps = copy_bandwidth(device, mb=1024 if device.type == "cuda" else 256)
     s.env = env_info(device)
     return s
+
+
+# ----------------------------------------------------------------------------- gpu_check.sh
+def vocab_correctness(V: int = 128256, lead=(4, 16), dtype: str = "bf16", impl: str = "triton",
+                      device: str = "cuda") -> int:
+    """Every mask at a real vocabulary: ``fused_compat_loss(impl=...)`` loss and gradient vs the
+    float64 reference on ``lead`` rows, the harness's rule (LOSS_RTOL, GRAD_RTOL). Prints one
+    line per mask; returns the number that failed (for benchmarks/gpu_check.sh)."""
+    import muscle_fast as mf
+    from muscle_fast.ops.compat_loss.reference import MASKS, compat_loss_reference
+
+    g = torch.Generator(device=device).manual_seed(0)
+    base = 2 * torch.randn(*lead, V, device=device, generator=g)
+    z = base.to(DTYPES[dtype])
+    o = (base + torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
+    w = (base + 0.5 * torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
+    y = torch.where(torch.rand(lead, device=device, generator=g) < 0.5, base.argmax(-1),
+                    torch.randint(0, V, lead, device=device, generator=g))
+    y.view(-1)[:2] = -100
+    up = torch.randn(lead, device=device, generator=g)
+    failed = 0
+    for mask in MASKS:
+        for reduction, upstream in (("mean", None), ("none", up)):
+            kw = dict(mask=mask, temperature=TEMPERATURE, ce_weight=0.1, reduction=reduction)
+            zi = z.clone().requires_grad_(True)
+            loss = mf.fused_compat_loss(zi, y, o, w, impl=impl, **kw)
+            loss.backward(upstream)
+            z64 = z.double().requires_grad_(True)
+            ref = compat_loss_reference(z64, y, o.double(), w.double(), **kw)
+            ref.backward(None if upstream is None else upstream.double())
+            err_loss = float((loss.double() - ref).abs().max()) / max(float(ref.abs().max()), 1e-3)
+            err_grad = (float((zi.grad.double() - z64.grad).abs().max())
+                        / max(float(z64.grad.abs().max()), 1e-30))
+            ok = err_loss <= LOSS_RTOL and err_grad <= GRAD_RTOL[dtype]
+            failed += not ok
+            print(f"{impl} V={V} {dtype} rows={math.prod(lead)} mask={mask} reduction={reduction}: "
+                  f"err_loss {err_loss:.2e} err_grad {err_grad:.2e} {'ok' if ok else 'WRONG'}",
+                  flush=True)
+    return failed

@@ -225,6 +225,14 @@ def test_masked_vocabulary_columns(impl, dtype, block_path):
 
 
 @pytest.mark.parametrize("impl", FUSED)
+def test_teachers_of_two_dtypes(impl, block_path):
+    """old and new in different dtypes (each teacher has its own): the gradient pass reads the
+    selected teacher in its own dtype, row by row."""
+    logits, labels, old, new = make_inputs((2, 5), 37, torch.bfloat16)
+    check_case(impl, logits, labels, old.float(), new, mask="muscle", ce_weight=0.25)
+
+
+@pytest.mark.parametrize("impl", FUSED)
 def test_teacher_only_masked_column(impl):
     """A column where only the teacher is -inf: p_t = 0 there, the KL stays finite and exact."""
     logits, labels, old, new = make_inputs((5,), 21)
@@ -527,13 +535,29 @@ def test_torch_compile_fullgraph(impl):
 def test_no_host_sync_in_forward_backward(impl):
     logits, labels, old, new = make_inputs((64,), 32000, torch.bfloat16)
     z = logits.clone().requires_grad_(True)
+    # made before the check: creating a CUDA tensor from a Python number is itself a sync
+    # (pytorch/pytorch#120996), so it must not happen inside it
+    upstream = torch.tensor(0.5, device=DEVICE)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         loss = mf.fused_compat_loss(z, labels, old, new, impl=impl, validate=False)
-        loss.backward(torch.tensor(0.5, device=DEVICE))
+        loss.backward(upstream)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices")
+def test_triton_launches_on_the_inputs_device():
+    """Inputs on cuda:1 while cuda:0 is current: every kernel runs where its tensors are."""
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    logits, labels, old, new = (t.to(dev) for t in make_inputs((3, 5), 300))
+    check_case("triton", logits, labels, old, new, mask="muscle", ce_weight=0.25)
+    check_case("triton", logits, labels, old, new, mask="sequence_likelihood")
+    assert torch.cuda.current_device() == 0
 
 
 @pytest.mark.gpu

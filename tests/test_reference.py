@@ -2,7 +2,7 @@
 
 Every backend is judged against ``compat_loss_reference`` in float64, so the reference is checked
 here against what it must equal: ``F.kl_div`` and ``F.cross_entropy`` on the cases they can
-express, the closed-form gradient of the SPEC, and ``torch.autograd.gradcheck``.
+express, the closed-form gradient of docs/SPEC.md, and ``torch.autograd.gradcheck``.
 """
 import pytest
 import torch

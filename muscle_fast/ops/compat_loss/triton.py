@@ -1,97 +1,283 @@
 """Triton kernels of the compat loss: one program per token row (math and contract: README.md)."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .contract import N_PARTIALS, N_ROW_CONSTS
+from .contract import (
+    N_PARTIALS,
+    N_ROW_CONSTS,
+    N_STATS,
+    SEL_IGNORED,
+    SEL_NEW,
+    SEL_OLD,
+    MaskMode,
+    Partial,
+    RowConst,
+    Stat,
+)
 
-N_ROW_STATS = 9
+# contract.py's columns and codes as constexprs: @triton.jit code reads only constexpr globals
+_c = tl.constexpr
+N_STATS_C, N_PARTIALS_C, N_ROW_CONSTS_C = _c(N_STATS), _c(N_PARTIALS), _c(N_ROW_CONSTS)
+S_LOSS, S_TO_OLD, S_HIT_STUDENT = _c(Stat.LOSS.value), _c(Stat.TO_OLD.value), _c(Stat.HIT_STUDENT.value)
+S_HIT_OLD, S_HIT_NEW, S_KL_OLD = _c(Stat.HIT_OLD.value), _c(Stat.HIT_NEW.value), _c(Stat.KL_OLD.value)
+S_KL_NEW, S_CE, S_OLD_LOGP = _c(Stat.KL_NEW.value), _c(Stat.CE.value), _c(Stat.OLD_LOGP.value)
+P_Z_MAX, P_Z_ARG, P_Z_ST = _c(Partial.Z_MAX.value), _c(Partial.Z_ARG.value), _c(Partial.Z_ST.value)
+P_Z_S1, P_Z_Y, P_O_MAX = _c(Partial.Z_S1.value), _c(Partial.Z_Y.value), _c(Partial.O_MAX.value)
+P_O_ARG, P_O_S, P_O_A = _c(Partial.O_ARG.value), _c(Partial.O_S.value), _c(Partial.O_A.value)
+P_O_S1, P_O_Y, P_W_MAX = _c(Partial.O_S1.value), _c(Partial.O_Y.value), _c(Partial.W_MAX.value)
+P_W_ARG, P_W_S, P_W_A = _c(Partial.W_ARG.value), _c(Partial.W_S.value), _c(Partial.W_A.value)
+C_ZREF, C_S_T, C_S_1 = _c(RowConst.ZREF.value), _c(RowConst.S_T.value), _c(RowConst.S_1.value)
+C_TREF, C_S_TT, C_C_KL = _c(RowConst.TREF.value), _c(RowConst.S_TT.value), _c(RowConst.C_KL.value)
+C_C_CE, C_SEL = _c(RowConst.C_CE.value), _c(RowConst.SEL.value)
+M_GIVEN, M_MUSCLE, M_OLD_CORRECT = _c(MaskMode.GIVEN.value), _c(MaskMode.MUSCLE.value), _c(MaskMode.OLD_CORRECT.value)
+M_TOKEN_LIKELIHOOD, M_ALL_OLD = _c(MaskMode.TOKEN_LIKELIHOOD.value), _c(MaskMode.ALL_OLD.value)
+SEL_IGNORED_C, SEL_OLD_C, SEL_NEW_C = _c(float(SEL_IGNORED)), _c(float(SEL_OLD)), _c(float(SEL_NEW))
 # A row whose vocabulary fits in one block of at most this many columns is read once and kept in
-# registers; longer rows are streamed in LOOP_BLOCK_V columns and read twice.
+# registers; longer rows are streamed LOOP_BLOCK_V columns a loop iteration and read twice.
 MAX_FUSED_BLOCK_V = 8192
-LOOP_BLOCK_V = 4096
+LOOP_BLOCK_V = 2048
+
+
+LOG2E = tl.constexpr(1.4426950408889634)
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+# Statistics pass, per lane: every lane of a [SUB] block keeps its own running maximum, first
+# argmax and sums relative to its maximum over the columns it visits (cols = start + lane, in
+# increasing order), so the loop body has no reduction, no barrier and one exp per sum and
+# column: of exp(old max - new max) and exp(x - new max) one is exp(0) = 1. `_lanes_reduce`
+# combines the lanes once per row. Exponentials are exp2 of arguments scaled by log2(e)/T.
+@triton.jit
+def _lane_student(z, cols, m, arg, s_t, s_1, c_t):
+    up = z > m  # strictly: a lane keeps its first index on ties
+    nd = -tl.abs(z - m)  # smaller minus larger (NaN only when both are -inf, or z is NaN)
+    dead = z == NEG_INF
+    e_t = tl.where(dead, 0.0, tl.exp2(nd * c_t))
+    e_1 = tl.where(dead, 0.0, tl.exp2(nd * LOG2E))
+    s_t = tl.where(up, s_t * e_t + 1.0, s_t + e_t)
+    s_1 = tl.where(up, s_1 * e_1 + 1.0, s_1 + e_1)
+    return tl.where(up, z, m), tl.where(up, cols, arg), s_t, s_1
 
 
 @triton.jit
-def _max_arg_step(x, cols, V, best, arg):
-    blk = tl.max(x, 0)
-    blk_arg = tl.min(tl.where(x == blk, cols, V), 0).to(tl.int32)
-    # strictly greater: the earlier block keeps ties (first index, as torch.argmax)
-    arg = tl.where(blk > best, blk_arg, arg)
-    return tl.maximum(best, blk), arg
-
-
-@triton.jit
-def _student_step(z, cols, V, y, best, arg, s_t, s_1, z_y, inv_t):
-    new_best, arg = _max_arg_step(z, cols, V, best, arg)
-    safe = tl.where(new_best == float("-inf"), 0.0, new_best)
-    s_1 = s_1 * tl.exp(best - safe) + tl.sum(tl.exp(z - safe), 0)
-    s_t = s_t * tl.exp((best - safe) * inv_t) + tl.sum(tl.exp((z - safe) * inv_t), 0)
-    z_y += tl.sum(tl.where(cols == y, z, 0.0), 0)
-    return new_best, arg, s_t, s_1, z_y
-
-
-@triton.jit
-def _teacher_step(x, z, cols, V, y, best, arg, s, a, s_1, x_y, inv_t, AT_ONE: tl.constexpr):
-    new_best, arg = _max_arg_step(x, cols, V, best, arg)
-    safe = tl.where(new_best == float("-inf"), 0.0, new_best)
-    alpha = tl.exp((best - safe) * inv_t)
-    e = tl.exp((x - safe) * inv_t)  # [BLOCK_V]
-    s = s * alpha + tl.sum(e, 0)
+def _lane_teacher(x, z, cols, m, arg, s, a, s_1, c_t, AT_ONE: tl.constexpr):
+    up = x > m
+    nd = -tl.abs(x - m)
+    dead = x == NEG_INF
+    e = tl.where(dead, 0.0, tl.exp2(nd * c_t))
     # p_t == 0 contributes 0 even where the student is -inf (0 * inf)
-    a = a * alpha + tl.sum(tl.where(e == 0.0, 0.0, e * (x - z)), 0)
+    pe = tl.where(e == 0.0, 0.0, e * (x - z))
+    s = tl.where(up, s * e + 1.0, s + e)
+    a = tl.where(up, a * e + (x - z), a + pe)
     if AT_ONE:
-        s_1 = s_1 * tl.exp(best - safe) + tl.sum(tl.exp(x - safe), 0)
-        x_y += tl.sum(tl.where(cols == y, x, 0.0), 0)
-    return new_best, arg, s, a, s_1, x_y
+        e_1 = tl.where(dead, 0.0, tl.exp2(nd * LOG2E))
+        s_1 = tl.where(up, s_1 * e_1 + 1.0, s_1 + e_1)
+    return tl.where(up, x, m), tl.where(up, cols, arg), s, a, s_1
 
 
 @triton.jit
-def _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V: tl.constexpr,
+def _lanes_step(z, o, w, cols, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
                 HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr):
-    """Streaming statistics of one row over columns [0, v_lim), BLOCK_V at a time: maxima, first
-    argmax, exp sums relative to the running maxima, teacher KL partials, label logits."""
-    NEG: tl.constexpr = float("-inf")
-    cols0 = tl.arange(0, BLOCK_V)
-    ninf = tl.full([], NEG, tl.float32)
-    zero = tl.full([], 0.0, tl.float32)
-    izero = tl.full([], 0, tl.int32)
-    zb, z_arg, s_st, s_s1, z_y = ninf, izero, zero, zero, zero
-    ob, o_arg, s_o, a_o, s_o1, o_y = ninf, izero, zero, zero, zero, zero
-    wb, w_arg, s_w, a_w, s_w1, w_y = ninf, izero, zero, zero, zero, zero
-    for start in range(0, v_lim, BLOCK_V):
-        cols = start + cols0
-        cm = cols < V
-        z = tl.load(z_row + cols, mask=cm, other=NEG).to(tl.float32)
-        o = tl.load(o_row + cols, mask=cm, other=NEG).to(tl.float32)
-        zb, z_arg, s_st, s_s1, z_y = _student_step(
-            z, cols, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
-        ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
-            o, z, cols, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
-        if HAS_NEW:
-            w = tl.load(w_row + cols, mask=cm, other=NEG).to(tl.float32)
-            wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
-                w, z, cols, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
-    return zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w, a_w
+    zm, za, zst, zs1 = _lane_student(z, cols, zm, za, zst, zs1, c_t)
+    om, oa, so, ao, so1 = _lane_teacher(o, z, cols, om, oa, so, ao, so1, c_t, OLD_AT_ONE)
+    if HAS_NEW:
+        wm, wa, sw, aw, _ = _lane_teacher(w, z, cols, wm, wa, sw, aw, sw, c_t, False)
+    return zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw
 
 
 @triton.jit
-def _grad_block(z, t, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
+def _lanes_max(m, arg):
+    """Row max, first argmax (the lowest column among the lanes holding the max) and the
+    reference the sums are taken against (0 for a row that is -inf everywhere)."""
+    best = tl.max(m, 0)
+    arg = tl.min(tl.where(m == best, arg, 2147483647), 0)
+    return best, arg, tl.where(best == NEG_INF, 0.0, best)
+
+
+@triton.jit
+def _lanes_sum(s, m, ref, c):
+    """A sum over the row from lane sums relative to the lane maxima m (exp2 scale c)."""
+    return tl.sum(s * tl.exp2((m - ref) * c), 0)
+
+
+@triton.jit
+def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
+                OLD_AT_ONE: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+    """Statistics of one row over columns [0, v_lim): maxima, first argmax, exp sums relative to
+    the maxima (student at T and 1, teachers at T, old at 1 with OLD_AT_ONE), teacher KL partials.
+
+    SINGLE_BLOCK: the row is one [SUB] block, kept and returned (z, o, w) for the gradient.
+    Otherwise two [SUB] blocks a loop iteration, every row load at its top: an aligned main loop
+    without masks over whole iterations, then one masked iteration for the tail.
+    """
+    lanes = tl.arange(0, SUB)  # [SUB]
+    c_t = inv_t * LOG2E
+    if SINGLE_BLOCK:
+        cm = lanes < v_lim
+        z = tl.load(z_row + lanes, mask=cm, other=NEG_INF).to(tl.float32)
+        o = tl.load(o_row + lanes, mask=cm, other=NEG_INF).to(tl.float32)
+        w = o
+        if HAS_NEW:
+            w = tl.load(w_row + lanes, mask=cm, other=NEG_INF).to(tl.float32)
+        # one column per lane: each lane's max is its value, its sums 1 (0 where -inf)
+        zero = tl.zeros([SUB], tl.float32)
+        zs = tl.where(z == NEG_INF, 0.0, 1.0)
+        os_ = tl.where(o == NEG_INF, 0.0, 1.0)
+        ws = tl.where(w == NEG_INF, 0.0, 1.0)
+        zm, za, zst, zs1 = z, lanes, zs, zs
+        om, oa, so, ao, so1 = o, lanes, os_, tl.where(o == NEG_INF, zero, o - z), os_
+        wm, wa, sw, aw = w, lanes, ws, tl.where(w == NEG_INF, zero, w - z)
+    else:
+        zm = tl.full([SUB], NEG_INF, tl.float32)
+        za = tl.zeros([SUB], tl.int32)
+        zst = tl.zeros([SUB], tl.float32)
+        zs1, om, oa, so, ao, so1, wm, wa, sw, aw = zst, zm, za, zst, zst, zst, zm, za, zst, zst
+        n_main = v_lim // (2 * SUB)
+        for i in range(n_main):
+            c0 = i * (2 * SUB) + lanes
+            c1 = c0 + SUB
+            z0 = tl.load(z_row + c0).to(tl.float32)
+            o0 = tl.load(o_row + c0).to(tl.float32)
+            z1 = tl.load(z_row + c1).to(tl.float32)
+            o1 = tl.load(o_row + c1).to(tl.float32)
+            w0 = o0
+            w1 = o1
+            if HAS_NEW:
+                w0 = tl.load(w_row + c0).to(tl.float32)
+                w1 = tl.load(w_row + c1).to(tl.float32)
+            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
+                z0, o0, w0, c0, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
+                HAS_NEW, OLD_AT_ONE)
+            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
+                z1, o1, w1, c1, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
+                HAS_NEW, OLD_AT_ONE)
+        c0 = n_main * (2 * SUB) + lanes  # the tail: fewer than 2 * SUB columns, masked
+        c1 = c0 + SUB
+        m0 = c0 < v_lim
+        m1 = c1 < v_lim
+        z0 = tl.load(z_row + c0, mask=m0, other=NEG_INF).to(tl.float32)
+        o0 = tl.load(o_row + c0, mask=m0, other=NEG_INF).to(tl.float32)
+        z1 = tl.load(z_row + c1, mask=m1, other=NEG_INF).to(tl.float32)
+        o1 = tl.load(o_row + c1, mask=m1, other=NEG_INF).to(tl.float32)
+        w0 = o0
+        w1 = o1
+        if HAS_NEW:
+            w0 = tl.load(w_row + c0, mask=m0, other=NEG_INF).to(tl.float32)
+            w1 = tl.load(w_row + c1, mask=m1, other=NEG_INF).to(tl.float32)
+        zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
+            z0, o0, w0, c0, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
+            HAS_NEW, OLD_AT_ONE)
+        zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
+            z1, o1, w1, c1, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
+            HAS_NEW, OLD_AT_ONE)
+        z = zm  # unused without SINGLE_BLOCK
+        o = zm
+        w = zm
+    zb, z_arg, zref = _lanes_max(zm, za)
+    s_st = _lanes_sum(zst, zm, zref, c_t)
+    s_s1 = _lanes_sum(zs1, zm, zref, LOG2E)
+    ob, o_arg, oref = _lanes_max(om, oa)
+    s_o = _lanes_sum(so, om, oref, c_t)
+    a_o = _lanes_sum(ao, om, oref, c_t)
+    s_o1 = 0.0
+    if OLD_AT_ONE:
+        s_o1 = _lanes_sum(so1, om, oref, LOG2E)
+    wb = tl.full([], NEG_INF, tl.float32)
+    w_arg = tl.full([], 0, tl.int32)
+    s_w = tl.full([], 0.0, tl.float32)
+    a_w = s_w
+    if HAS_NEW:
+        wb, w_arg, wref = _lanes_max(wm, wa)
+        s_w = _lanes_sum(sw, wm, wref, c_t)
+        a_w = _lanes_sum(aw, wm, wref, c_t)
+    return zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o, w
+
+
+@triton.jit
+def _grad_block(z, t, cols, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2,
                 HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
+    """c_t (softmax(z/T) - p_t) + c_ce (softmax(z) - onehot(y)) on one block; l2_* = log2 S."""
     if HAS_KL:
-        p_s = tl.exp((z - zs) * inv_t - log_st)
-        p_t = tl.exp((t - ts) * inv_t - log_tt)
+        p_s = tl.exp2((z - zs) * k2 - l2_st)
+        p_t = tl.exp2((t - ts) * k2 - l2_tt)
         g = c_t * (p_s - p_t)
     else:
         g = tl.zeros_like(z)
     if HAS_CE:
-        p_1 = tl.exp(z - zs - log_s1)
+        p_1 = tl.exp2((z - zs) * LOG2E - l2_s1)
         g += c_ce * (p_1 - tl.where(cols == y, 1.0, 0.0))
     return g
+
+
+@triton.jit
+def _teacher_block(o_row, w_row, cols, t_lim, o_lim, w_lim, use_new, HAS_NEW: tl.constexpr):
+    """The selected teacher's columns (-inf where not read): one load through the selected row
+    when both teachers share a dtype, else each teacher read only where it is the selected one."""
+    if HAS_NEW:
+        if o_row.dtype == w_row.dtype:
+            t = tl.load(tl.where(use_new, w_row, o_row) + cols, mask=cols < t_lim,
+                        other=NEG_INF).to(tl.float32)
+        else:
+            t = tl.load(o_row + cols, mask=cols < o_lim, other=NEG_INF).to(tl.float32)
+            tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG_INF).to(tl.float32)
+            t = tl.where(use_new, tn, t)
+    else:
+        t = tl.load(o_row + cols, mask=cols < t_lim, other=NEG_INF).to(tl.float32)
+    return t
+
+
+@triton.jit
+def _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st, l2_s1, ts,
+              l2_tt, c_t, c_ce, k2, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
+              HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
+    """The gradient pass over one row, from its last columns to its first (the blocks the
+    statistics pass read last are the likeliest still in L2): the masked tail, then whole
+    iterations of two [SUB] blocks, all loads at the top. Reads the student (not for an ignored
+    row) and the selected teacher (use_old: old, use_new: new, neither: none); writes every
+    column (zeros when not active). Each block is read before it is written, so g may be the
+    student."""
+    lanes = tl.arange(0, SUB)  # [SUB]
+    # V or 0 per row: as divisible as V, so the masks stay uniform over a vector of columns
+    z_lim = tl.where(active, V, 0)
+    t_lim = tl.where(active & (use_old | use_new), V, 0)
+    o_lim = tl.where(active & use_old, V, 0)
+    w_lim = tl.where(active & use_new, V, 0)
+    n_main = V // (2 * SUB)
+    c0 = n_main * (2 * SUB) + lanes
+    c1 = c0 + SUB
+    z0 = tl.load(z_row + c0, mask=c0 < z_lim, other=NEG_INF).to(tl.float32)
+    z1 = tl.load(z_row + c1, mask=c1 < z_lim, other=NEG_INF).to(tl.float32)
+    t0 = tl.full([SUB], NEG_INF, tl.float32)
+    t1 = t0
+    if HAS_KL:
+        t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+        t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+    g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
+    g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
+    tl.store(g_row + c0, tl.where(active, g0, 0.0).to(g_row.dtype.element_ty), mask=c0 < V)
+    tl.store(g_row + c1, tl.where(active, g1, 0.0).to(g_row.dtype.element_ty), mask=c1 < V)
+    for j in range(n_main):
+        c0 = (n_main - 1 - j) * (2 * SUB) + lanes
+        c1 = c0 + SUB
+        z0 = tl.load(z_row + c0, mask=c0 < z_lim, other=NEG_INF).to(tl.float32)
+        z1 = tl.load(z_row + c1, mask=c1 < z_lim, other=NEG_INF).to(tl.float32)
+        t0 = tl.full([SUB], NEG_INF, tl.float32)
+        t1 = t0
+        if HAS_KL:
+            t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+            t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+        g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE,
+                         HAS_KL)
+        g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE,
+                         HAS_KL)
+        tl.store(g_row + c0, tl.where(active, g0, 0.0).to(g_row.dtype.element_ty))
+        tl.store(g_row + c1, tl.where(active, g1, 0.0).to(g_row.dtype.element_ty))
 
 
 @triton.jit
@@ -106,12 +292,13 @@ def _compat_loss_kernel(
     HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_CE: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One token row: statistics pass, mask, loss, 9 row stats, then (HAS_GRAD) the gradient.
+    """One token row: statistics pass, mask, loss, the row stats, then (HAS_GRAD) the gradient.
 
     Bytes per valid row (e = element size): pass 1 reads V * (e_z + e_o [+ e_w]) once. With
     SINGLE_BLOCK the row stays in registers and the gradient adds only V * e_g written; otherwise
     pass 2 reads the student and the ONE teacher the mask selected again and writes the gradient:
     + V * (e_z + e_t + e_g). An ignored row reads nothing and writes V * e_g zeros (with a grad).
+    BLOCK_V: the row's one block (SINGLE_BLOCK), else the columns of one loop iteration.
     """
     row = tl.program_id(0).to(tl.int64)
     b = row // T_LEN
@@ -122,36 +309,23 @@ def _compat_loss_kernel(
     y = tl.load(y_ptr + row)
     active = y != ignore_index
     y_ok = (y >= 0) & (y < V)
-    cols0 = tl.arange(0, BLOCK_V)  # [BLOCK_V]
-    NEG: tl.constexpr = float("-inf")
-
-    ninf = tl.full([], NEG, tl.float32)
-    zero = tl.full([], 0.0, tl.float32)
-    izero = tl.full([], 0, tl.int32)
-    zb, z_arg, s_st, s_s1, z_y = ninf, izero, zero, zero, zero
-    ob, o_arg, s_o, a_o, s_o1, o_y = ninf, izero, zero, zero, zero, zero
-    wb, w_arg, s_w, a_w, s_w1, w_y = ninf, izero, zero, zero, zero, zero
+    SUB: tl.constexpr = BLOCK_V if SINGLE_BLOCK else BLOCK_V // 2
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
-    if SINGLE_BLOCK:
-        cm = cols0 < v_lim
-        z = tl.load(z_row + cols0, mask=cm, other=NEG).to(tl.float32)
-        o = tl.load(o_row + cols0, mask=cm, other=NEG).to(tl.float32)
-        zb, z_arg, s_st, s_s1, z_y = _student_step(z, cols0, V, y, zb, z_arg, s_st, s_s1, z_y, inv_t)
-        ob, o_arg, s_o, a_o, s_o1, o_y = _teacher_step(
-            o, z, cols0, V, y, ob, o_arg, s_o, a_o, s_o1, o_y, inv_t, OLD_AT_ONE)
-        if HAS_NEW:
-            w = tl.load(w_row + cols0, mask=cm, other=NEG).to(tl.float32)
-            wb, w_arg, s_w, a_w, s_w1, w_y = _teacher_step(
-                w, z, cols0, V, y, wb, w_arg, s_w, a_w, s_w1, w_y, inv_t, False)
-    else:
-        (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w,
-         a_w) = _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V, HAS_NEW, OLD_AT_ONE)
+    (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o,
+     w) = _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB, HAS_NEW, OLD_AT_ONE,
+                      SINGLE_BLOCK)
+    # the label's logits: one in-range element each (never an address from an unchecked label)
+    y_at = tl.where(y_ok, y, 0)
+    z_y = tl.load(z_row + y_at, mask=active & y_ok, other=0.0).to(tl.float32)
+    o_y = 0.0
+    if OLD_AT_ONE:
+        o_y = tl.load(o_row + y_at, mask=active & y_ok, other=0.0).to(tl.float32)
 
     nan = float("nan")
     z_y = tl.where(y_ok, z_y, nan)
-    zs = tl.where(zb == NEG, 0.0, zb)
-    os_ = tl.where(ob == NEG, 0.0, ob)
-    ws = tl.where(wb == NEG, 0.0, wb)
+    zs = tl.where(zb == NEG_INF, 0.0, zb)
+    os_ = tl.where(ob == NEG_INF, 0.0, ob)
+    ws = tl.where(wb == NEG_INF, 0.0, wb)
     log_st = tl.log(s_st)
     log_s1 = tl.log(s_s1)
     log_so = tl.log(s_o)
@@ -159,19 +333,20 @@ def _compat_loss_kernel(
     kl_old = (a_o / s_o - (os_ - zs)) * inv_t - log_so + log_st
     ce = (zs - z_y) + log_s1
     kl_new = 0.0
+    log_sw = 0.0
     if HAS_NEW:
         log_sw = tl.log(s_w)
         kl_new = (a_w / s_w - (ws - zs)) * inv_t - log_sw + log_st
 
-    if MASK_MODE == 0:
+    if MASK_MODE == M_GIVEN:
         to_old = tl.load(m_ptr + row) != 0
-    elif MASK_MODE == 1:
+    elif MASK_MODE == M_MUSCLE:
         to_old = z_arg != y
-    elif MASK_MODE == 2:
+    elif MASK_MODE == M_OLD_CORRECT:
         to_old = o_arg == y
-    elif MASK_MODE == 3:
+    elif MASK_MODE == M_TOKEN_LIKELIHOOD:
         to_old = (z_y - zs - log_s1) < (o_y - os_ - tl.log(s_o1))
-    else:
+    else:  # M_ALL_OLD
         to_old = y == y
 
     loss = 0.0
@@ -181,22 +356,22 @@ def _compat_loss_kernel(
         loss += ce_weight * ce
     loss = tl.where(y_ok, loss, nan)
 
-    out = out_ptr + row * 9
-    tl.store(out + 0, tl.where(active, loss, 0.0))
-    tl.store(out + 1, tl.where(active & to_old, 1.0, 0.0))
-    tl.store(out + 2, tl.where(active & (z_arg == y), 1.0, 0.0))
-    tl.store(out + 3, tl.where(active & (o_arg == y), 1.0, 0.0))
+    out = out_ptr + row * N_STATS_C
+    tl.store(out + S_LOSS, tl.where(active, loss, 0.0))
+    tl.store(out + S_TO_OLD, tl.where(active & to_old, 1.0, 0.0))
+    tl.store(out + S_HIT_STUDENT, tl.where(active & (z_arg == y), 1.0, 0.0))
+    tl.store(out + S_HIT_OLD, tl.where(active & (o_arg == y), 1.0, 0.0))
     if HAS_NEW:
-        tl.store(out + 4, tl.where(active & (w_arg == y), 1.0, 0.0))
+        tl.store(out + S_HIT_NEW, tl.where(active & (w_arg == y), 1.0, 0.0))
     else:
-        tl.store(out + 4, 0.0)
-    tl.store(out + 5, tl.where(active, kl_old, 0.0))
-    tl.store(out + 6, tl.where(active, kl_new, 0.0))
-    tl.store(out + 7, tl.where(active, ce, 0.0))
+        tl.store(out + S_HIT_NEW, 0.0)
+    tl.store(out + S_KL_OLD, tl.where(active, kl_old, 0.0))
+    tl.store(out + S_KL_NEW, tl.where(active, kl_new, 0.0))
+    tl.store(out + S_CE, tl.where(active, ce, 0.0))
     if OLD_AT_ONE:
-        tl.store(out + 8, tl.where(active, (o_y - os_) - tl.log(s_o1), 0.0))
+        tl.store(out + S_OLD_LOGP, tl.where(active, (o_y - os_) - tl.log(s_o1), 0.0))
     else:
-        tl.store(out + 8, 0.0)
+        tl.store(out + S_OLD_LOGP, 0.0)
 
     if HAS_GRAD:
         scale = tl.load(scale_ptr)
@@ -214,31 +389,24 @@ def _compat_loss_kernel(
         log_tt = tl.where(use_old, log_so, 0.0)
         if HAS_NEW:
             log_tt = tl.where(use_new, log_sw, log_tt)
+        k2 = inv_t * LOG2E
+        l2_st = log_st * LOG2E
+        l2_s1 = log_s1 * LOG2E
+        l2_tt = log_tt * LOG2E
         g_row = g_ptr + b * g_sb + t * g_st
-        o_lim = tl.where(active & use_old, V, 0)
-        w_lim = tl.where(active & use_new, V, 0)
         if SINGLE_BLOCK:
-            tt = tl.where(use_old, o, NEG)
+            cols0 = tl.arange(0, SUB)
+            tt = tl.where(use_old, o, NEG_INF)
             if HAS_NEW:
                 tt = tl.where(use_new, w, tt)
-            g = _grad_block(z, tt, cols0, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
+            g = _grad_block(z, tt, cols0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2,
                             HAS_CE, HAS_KL)
             g = tl.where(active, g, 0.0)
             tl.store(g_row + cols0, g.to(g_ptr.dtype.element_ty), mask=cols0 < V)
         else:
-            for start in range(0, V, BLOCK_V):
-                cols = start + cols0
-                cm = cols < V
-                z = tl.load(z_row + cols, mask=cols < v_lim, other=NEG).to(tl.float32)
-                # only the selected teacher's row is read again
-                tt = tl.load(o_row + cols, mask=cols < o_lim, other=NEG).to(tl.float32)
-                if HAS_NEW:
-                    tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG).to(tl.float32)
-                    tt = tl.where(use_new, tn, tt)
-                g = _grad_block(z, tt, cols, y, zs, log_st, log_s1, ts, log_tt, c_t, c_ce, inv_t,
-                                HAS_CE, HAS_KL)
-                g = tl.where(active, g, 0.0)
-                tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cm)
+            # only the selected teacher's row is read again
+            _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st,
+                      l2_s1, ts, l2_tt, c_t, c_ce, k2, BLOCK_V, HAS_NEW, HAS_CE, HAS_KL)
 
 
 @triton.jit
@@ -253,9 +421,9 @@ def _compat_partials_kernel(
     """One token row of one vocabulary slice: the 15 partial statistics (README.md, vocabulary
     parallel), the statistics pass of ``_compat_loss_kernel`` without the finalisation.
 
-    Reads V * (e_z + e_o [+ e_w]) per valid row once, in blocks of BLOCK_V columns (one block when
-    the row fits: the same streaming steps, one iteration); an ignored row reads nothing and
-    writes 15 zeros. A label outside [0, V) is another rank's: its label columns are 0.
+    Reads V * (e_z + e_o [+ e_w]) per valid row once, BLOCK_V columns a loop iteration (the same
+    streaming helper as the row kernel's loop path); an ignored row reads nothing and writes 15
+    zeros. A label outside [0, V) is another rank's: its label columns are 0.
     """
     row = tl.program_id(0).to(tl.int64)
     b = row // T_LEN
@@ -267,38 +435,39 @@ def _compat_partials_kernel(
     active = y != ignore_index
     own = (y >= 0) & (y < V)
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
-    (zb, z_arg, s_st, s_s1, z_y, ob, o_arg, s_o, a_o, s_o1, o_y, wb, w_arg, s_w,
-     a_w) = _stream_row(z_row, o_row, w_row, v_lim, V, y, inv_t, BLOCK_V, HAS_NEW, OLD_AT_ONE)
-
-    # a label that is not this slice's may have matched a masked column past V: drop it
-    z_y = tl.where(own, z_y, 0.0)
-    out = out_ptr + row * 15  # N_PARTIALS columns
-    tl.store(out + 0, tl.where(active, zb, 0.0))
-    tl.store(out + 1, tl.where(active, z_arg.to(tl.float32), 0.0))
-    tl.store(out + 2, tl.where(active, s_st, 0.0))
-    tl.store(out + 3, tl.where(active, s_s1, 0.0))
-    tl.store(out + 4, tl.where(active, z_y, 0.0))
-    tl.store(out + 5, tl.where(active, ob, 0.0))
-    tl.store(out + 6, tl.where(active, o_arg.to(tl.float32), 0.0))
-    tl.store(out + 7, tl.where(active, s_o, 0.0))
+    (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, _, _,
+     _) = _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, BLOCK_V // 2, HAS_NEW, OLD_AT_ONE,
+                      False)
+    y_at = tl.where(own, y, 0)
+    z_y = tl.load(z_row + y_at, mask=active & own, other=0.0).to(tl.float32)
+    out = out_ptr + row * N_PARTIALS_C
+    tl.store(out + P_Z_MAX, tl.where(active, zb, 0.0))
+    tl.store(out + P_Z_ARG, tl.where(active, z_arg.to(tl.float32), 0.0))
+    tl.store(out + P_Z_ST, tl.where(active, s_st, 0.0))
+    tl.store(out + P_Z_S1, tl.where(active, s_s1, 0.0))
+    tl.store(out + P_Z_Y, tl.where(active, z_y, 0.0))
+    tl.store(out + P_O_MAX, tl.where(active, ob, 0.0))
+    tl.store(out + P_O_ARG, tl.where(active, o_arg.to(tl.float32), 0.0))
+    tl.store(out + P_O_S, tl.where(active, s_o, 0.0))
     # the row kernel scales A by k at the end; the partials carry it scaled
-    tl.store(out + 8, tl.where(active, a_o * inv_t, 0.0))
+    tl.store(out + P_O_A, tl.where(active, a_o * inv_t, 0.0))
     if OLD_AT_ONE:
-        tl.store(out + 9, tl.where(active, s_o1, 0.0))
-        tl.store(out + 10, tl.where(active & own, o_y, 0.0))
+        o_y = tl.load(o_row + y_at, mask=active & own, other=0.0).to(tl.float32)
+        tl.store(out + P_O_S1, tl.where(active, s_o1, 0.0))
+        tl.store(out + P_O_Y, tl.where(active & own, o_y, 0.0))
     else:
-        tl.store(out + 9, 0.0)
-        tl.store(out + 10, 0.0)
+        tl.store(out + P_O_S1, 0.0)
+        tl.store(out + P_O_Y, 0.0)
     if HAS_NEW:
-        tl.store(out + 11, tl.where(active, wb, 0.0))
-        tl.store(out + 12, tl.where(active, w_arg.to(tl.float32), 0.0))
-        tl.store(out + 13, tl.where(active, s_w, 0.0))
-        tl.store(out + 14, tl.where(active, a_w * inv_t, 0.0))
+        tl.store(out + P_W_MAX, tl.where(active, wb, 0.0))
+        tl.store(out + P_W_ARG, tl.where(active, w_arg.to(tl.float32), 0.0))
+        tl.store(out + P_W_S, tl.where(active, s_w, 0.0))
+        tl.store(out + P_W_A, tl.where(active, a_w * inv_t, 0.0))
     else:
-        tl.store(out + 11, 0.0)
-        tl.store(out + 12, 0.0)
-        tl.store(out + 13, 0.0)
-        tl.store(out + 14, 0.0)
+        tl.store(out + P_W_MAX, 0.0)
+        tl.store(out + P_W_ARG, 0.0)
+        tl.store(out + P_W_S, 0.0)
+        tl.store(out + P_W_A, 0.0)
 
 
 @triton.jit
@@ -315,9 +484,9 @@ def _compat_grad_rows_kernel(
     """One token row of one vocabulary slice: its gradient from the 8 row constants.
 
     consts: zref, S_t, S_1, tref, S_tt, c_kl, c_ce, sel (-1 ignored, 0 no teacher, 1 old, 2 new).
-    Reads V * (e_z [+ e_t]) and writes V * e_g per valid row, block by block (each block read
-    before it is written, so ``g`` may be the student); an ignored row reads nothing and writes
-    V * e_g zeros.
+    Reads V * (e_z [+ e_t]) and writes V * e_g per valid row, BLOCK_V columns a block (each
+    block read before it is written, so ``g`` may be the student); an ignored row reads nothing
+    and writes V * e_g zeros.
     """
     row = tl.program_id(0).to(tl.int64)
     b = row // T_LEN
@@ -327,42 +496,26 @@ def _compat_grad_rows_kernel(
     w_row = w_ptr + b * w_sb + tok * w_st
     g_row = g_ptr + b * g_sb + tok * g_st
     y = tl.load(y_ptr + row)
-    c = c_ptr + row * 8  # N_ROW_CONSTS columns
-    zs = tl.load(c + 0)
-    log_st = tl.log(tl.load(c + 1))
-    log_s1 = tl.log(tl.load(c + 2))
-    c_kl = tl.load(c + 5)
-    c_ce = tl.load(c + 6)
-    sel = tl.load(c + 7)
-    active = sel != -1.0
-    use_old = sel == 1.0
-    use_new = sel == 2.0
-    has_t = use_old
-    if HAS_NEW:
-        has_t = use_old | use_new
+    c = c_ptr + row * N_ROW_CONSTS_C
+    zs = tl.load(c + C_ZREF)
+    log_st = tl.log(tl.load(c + C_S_T))
+    log_s1 = tl.log(tl.load(c + C_S_1))
+    c_kl = tl.load(c + C_C_KL)
+    c_ce = tl.load(c + C_C_CE)
+    sel = tl.load(c + C_SEL)
+    active = sel != SEL_IGNORED_C
+    use_old = sel == SEL_OLD_C
+    use_new = sel == SEL_NEW_C
+    if not HAS_NEW:
+        use_new = sel != sel  # no new teacher: sel 2 selects nothing
+    has_t = use_old | use_new
     # without a teacher term the teacher reads as -inf and p_t = exp(-inf - 0) = 0 exactly,
     # whatever the caller left in tref and S_tt
-    ts = tl.where(has_t, tl.load(c + 3), 0.0)
-    log_tt = tl.where(has_t, tl.log(tl.load(c + 4)), 0.0)
-    v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
-    o_lim = tl.where(active & use_old, V, 0)
-    w_lim = tl.where(active & use_new, V, 0)
-    cols0 = tl.arange(0, BLOCK_V)
-    NEG: tl.constexpr = float("-inf")
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        z = tl.load(z_row + cols, mask=cols < v_lim, other=NEG).to(tl.float32)
-        tt = tl.full([BLOCK_V], NEG, tl.float32)
-        if HAS_KL:
-            # only the selected teacher's row is read
-            tt = tl.load(o_row + cols, mask=cols < o_lim, other=NEG).to(tl.float32)
-            if HAS_NEW:
-                tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG).to(tl.float32)
-                tt = tl.where(use_new, tn, tt)
-        g = _grad_block(z, tt, cols, y, zs, log_st, log_s1, ts, log_tt, c_kl, c_ce, inv_t,
-                        HAS_CE, HAS_KL)
-        g = tl.where(active, g, 0.0)
-        tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < V)
+    ts = tl.where(has_t, tl.load(c + C_TREF), 0.0)
+    log_tt = tl.where(has_t, tl.log(tl.load(c + C_S_TT)), 0.0)
+    _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, log_st * LOG2E,
+              log_s1 * LOG2E, ts, log_tt * LOG2E, c_kl, c_ce, inv_t * LOG2E, BLOCK_V, HAS_NEW,
+              HAS_CE, HAS_KL)
 
 
 @triton.jit
@@ -382,15 +535,62 @@ def _scale_rows_kernel(g_ptr, g_sb, g_st, go_ptr, T_LEN, V, PER_ROW: tl.constexp
         tl.store(g_row + cols, (g * go).to(g_ptr.dtype.element_ty), mask=cm)
 
 
+def _on_device_of(t: torch.Tensor):
+    """Launch on ``t``'s GPU, whichever device is current (Triton launches on the current one)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def single_block(vocab: int) -> bool:
+    """Whether a row of ``vocab`` columns is kept in registers (read once) by the row kernel."""
+    return triton.next_power_of_2(vocab) <= MAX_FUSED_BLOCK_V
+
+
+def design_bytes(n_rows: int, vocab: int, elem: int, *, teachers: int, grad: bool,
+                 teacher_rows: Optional[int] = None) -> int:
+    """DRAM bytes ``_compat_loss_kernel`` moves by its design for ``n_rows`` valid rows of
+    ``vocab`` columns, ``elem`` bytes an element, ``teachers`` teacher rows given (1 or 2).
+
+    Statistics pass: student + every given teacher read once, ``N_STATS`` float32 written. With a
+    gradient, a one-block row writes it only; a longer row reads the student again and writes the
+    gradient, and ``teacher_rows`` rows (default: all) read their selected teacher again.
+    """
+    stats = n_rows * vocab * elem * (1 + teachers) + n_rows * N_STATS * 4
+    if not grad:
+        return stats
+    if single_block(vocab):
+        return stats + n_rows * vocab * elem
+    teacher_rows = n_rows if teacher_rows is None else teacher_rows
+    return stats + n_rows * vocab * 2 * elem + teacher_rows * vocab * elem
+
+
+def loop_columns(kernel: str, block_v: int, single_block: bool = False) -> list:
+    """Columns one iteration of each loop of ``kernel`` covers, in code order: the statistics
+    loop (two blocks of BLOCK_V / 2), then the gradient loop (two blocks of BLOCK_V)."""
+    return {"_compat_loss_kernel": [] if single_block else [block_v, 2 * block_v],
+            "_compat_partials_kernel": [block_v],
+            "_compat_grad_rows_kernel": [2 * block_v],
+            "_scale_rows_kernel": [block_v]}[kernel]
+
+
 def _blocks(vocab: int):
+    """(single block, BLOCK_V) of the row kernel: the whole row when it fits, else one loop
+    iteration of LOOP_BLOCK_V columns (two blocks of LOOP_BLOCK_V / 2)."""
     block = triton.next_power_of_2(vocab)
     if block <= MAX_FUSED_BLOCK_V:
         return True, block
     return False, LOOP_BLOCK_V
 
 
-def _warps(block: int) -> int:
-    return max(1, min(16, block // 256))
+def _loop_block(vocab: int) -> int:
+    """Columns per loop iteration of the streaming kernels (partials, gradient rows, scaling)."""
+    return min(triton.next_power_of_2(vocab), LOOP_BLOCK_V)
+
+
+def _warps(block: int, single: bool) -> int:
+    """A one-block row: up to 16 warps (16 columns a thread at 8192). A loop iteration: up to 8
+    warps, 4 columns a thread in each of its two blocks: the per-lane state then fits in the
+    registers of two CTAs an SM (benchmarks/NOTES.md, the compiled-code model)."""
+    return max(1, min(16 if single else 8, block // 256))
 
 
 def compat_loss_triton(
@@ -414,28 +614,30 @@ def compat_loss_triton(
     Bytes moved per valid row: ``V * (e_z + e_o + e_w)`` read once; with a gradient, rows of at
     most ``MAX_FUSED_BLOCK_V`` columns add only ``V * e_g`` written, longer rows add
     ``V * (e_z + e_t + e_g)`` (student and the one selected teacher read again, gradient written).
-    An ignored row costs its gradient write of zeros only. Plus 72 bytes of row stats per row.
+    An ignored row costs its gradient write of zeros only. Plus N_STATS float32 (36 bytes) of row
+    stats per row (`design_bytes` counts all of this).
     """
     B, T, V = logits.shape
     n = B * T
-    out = torch.empty((n, N_ROW_STATS), dtype=torch.float32, device=logits.device)
+    out = torch.empty((n, N_STATS), dtype=torch.float32, device=logits.device)
     if n == 0:
         return out
     single, block = _blocks(V)
     w = new_logits if new_logits is not None else old_logits
     g = grad if grad is not None else logits
-    _compat_loss_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1),
-        old_logits, old_logits.stride(0), old_logits.stride(1),
-        w, w.stride(0), w.stride(1),
-        g, g.stride(0), g.stride(1),
-        labels, mask if mask is not None else labels, scale, out,
-        T, V, float(inv_temperature), float(kl_weight), float(ce_weight), int(ignore_index),
-        HAS_NEW=new_logits is not None, MASK_MODE=int(mask_mode),
-        OLD_AT_ONE=bool(old_label_logprob or mask_mode == 3),
-        HAS_GRAD=grad is not None, HAS_KL=kl_weight != 0, HAS_CE=ce_weight != 0,
-        SINGLE_BLOCK=single, BLOCK_V=block, num_warps=_warps(block),
-    )
+    with _on_device_of(logits):
+        _compat_loss_kernel[(n,)](
+            logits, logits.stride(0), logits.stride(1),
+            old_logits, old_logits.stride(0), old_logits.stride(1),
+            w, w.stride(0), w.stride(1),
+            g, g.stride(0), g.stride(1),
+            labels, mask if mask is not None else labels, scale, out,
+            T, V, float(inv_temperature), float(kl_weight), float(ce_weight), int(ignore_index),
+            HAS_NEW=new_logits is not None, MASK_MODE=int(mask_mode),
+            OLD_AT_ONE=bool(old_label_logprob or mask_mode == MaskMode.TOKEN_LIKELIHOOD),
+            HAS_GRAD=grad is not None, HAS_KL=kl_weight != 0, HAS_CE=ce_weight != 0,
+            SINGLE_BLOCK=single, BLOCK_V=block, num_warps=_warps(block, single),
+        )
     return out
 
 
@@ -459,17 +661,18 @@ def compat_partials_triton(
     out = torch.empty((n, N_PARTIALS), dtype=torch.float32, device=logits.device)
     if n == 0:
         return out
-    _, block = _blocks(V)
+    block = _loop_block(V)
     w = new_logits if new_logits is not None else old_logits
-    _compat_partials_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1),
-        old_logits, old_logits.stride(0), old_logits.stride(1),
-        w, w.stride(0), w.stride(1),
-        labels, out,
-        T, V, float(inv_temperature), int(ignore_index),
-        HAS_NEW=new_logits is not None, OLD_AT_ONE=bool(old_at_one),
-        BLOCK_V=block, num_warps=_warps(block),
-    )
+    with _on_device_of(logits):
+        _compat_partials_kernel[(n,)](
+            logits, logits.stride(0), logits.stride(1),
+            old_logits, old_logits.stride(0), old_logits.stride(1),
+            w, w.stride(0), w.stride(1),
+            labels, out,
+            T, V, float(inv_temperature), int(ignore_index),
+            HAS_NEW=new_logits is not None, OLD_AT_ONE=bool(old_at_one),
+            BLOCK_V=block, num_warps=_warps(block, False),
+        )
     return out
 
 
@@ -497,18 +700,19 @@ def compat_grad_rows_triton(
         return
     if consts.dtype != torch.float32 or not consts.is_contiguous():
         raise ValueError(f"consts must be a contiguous float32 [B*T, {N_ROW_CONSTS}] tensor")
-    _, block = _blocks(V)
+    block = _loop_block(V)
     w = new_logits if new_logits is not None else old_logits
-    _compat_grad_rows_kernel[(n,)](
-        logits, logits.stride(0), logits.stride(1),
-        old_logits, old_logits.stride(0), old_logits.stride(1),
-        w, w.stride(0), w.stride(1),
-        grad, grad.stride(0), grad.stride(1),
-        labels, consts,
-        T, V, float(inv_temperature),
-        HAS_NEW=new_logits is not None, HAS_KL=bool(has_kl), HAS_CE=bool(has_ce),
-        BLOCK_V=block, num_warps=_warps(block),
-    )
+    with _on_device_of(logits):
+        _compat_grad_rows_kernel[(n,)](
+            logits, logits.stride(0), logits.stride(1),
+            old_logits, old_logits.stride(0), old_logits.stride(1),
+            w, w.stride(0), w.stride(1),
+            grad, grad.stride(0), grad.stride(1),
+            labels, consts,
+            T, V, float(inv_temperature),
+            HAS_NEW=new_logits is not None, HAS_KL=bool(has_kl), HAS_CE=bool(has_ce),
+            BLOCK_V=block, num_warps=_warps(block, False),
+        )
 
 
 def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
@@ -516,9 +720,10 @@ def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     B, T, V = grad.shape
     if B * T == 0:
         return
-    block = min(triton.next_power_of_2(V), LOOP_BLOCK_V)
+    block = _loop_block(V)
     go = grad_output.reshape(-1).to(torch.float32).contiguous()
-    _scale_rows_kernel[(B * T,)](
-        grad, grad.stride(0), grad.stride(1), go, T, V,
-        PER_ROW=grad_output.dim() > 0, BLOCK_V=block, num_warps=_warps(block),
-    )
+    with _on_device_of(grad):
+        _scale_rows_kernel[(B * T,)](
+            grad, grad.stride(0), grad.stride(1), go, T, V,
+            PER_ROW=grad_output.dim() > 0, BLOCK_V=block, num_warps=_warps(block, False),
+        )
