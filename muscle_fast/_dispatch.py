@@ -34,6 +34,23 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _version(text: str) -> tuple:
+    return tuple(int(p) for p in (text.split("+")[0].split(".") + ["0", "0"])[:2] if p.isdigit())
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_numpy_clash() -> str:
+    """"" unless this Triton's interpreter cannot run our loops with this NumPy: Triton < 3.7
+    calls int() on a loop bound that NumPy >= 2.4 no longer converts (docs/FACTS.md)."""
+    import numpy
+    import triton
+
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"the Triton {triton.__version__} interpreter fails with NumPy "
+                f"{numpy.__version__} (runtime loop bounds); install numpy<2.4 or triton>=3.7")
+    return ""
+
+
 @functools.lru_cache(maxsize=None)
 def _native_status() -> ImplStatus:
     try:
@@ -51,6 +68,9 @@ def _triton_status(device: torch.device) -> ImplStatus:
     if device.type == "cuda":
         return imported
     if device.type == "cpu" and _interpreting():
+        clash = _interpreter_numpy_clash()
+        if clash:
+            return ImplStatus(False, clash)
         return ImplStatus(True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors")
     return ImplStatus(
         False, f"triton runs on CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"

@@ -130,3 +130,24 @@ def test_each_module_imports_first(module):
     out = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True,
                          text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_triton_36_interpreter_with_numpy_24_is_unavailable_with_reason(monkeypatch):
+    triton = pytest.importorskip("triton")
+    import numpy
+
+    from muscle_fast import _dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    monkeypatch.setattr(numpy, "__version__", "2.4.1")
+    _dispatch._interpreter_numpy_clash.cache_clear()
+    try:
+        status = _dispatch._triton_status(torch.device("cpu"))
+        assert not status.available and "numpy<2.4" in status.reason
+        monkeypatch.setattr(numpy, "__version__", "2.3.5")
+        _dispatch._interpreter_numpy_clash.cache_clear()
+        assert _dispatch._triton_status(torch.device("cpu")).available
+    finally:
+        monkeypatch.undo()
+        _dispatch._interpreter_numpy_clash.cache_clear()
