@@ -40,7 +40,7 @@ class CompatTrainer(Trainer):
         self._stat_sums: dict = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "labels" not in inputs:
+        if inputs.get("labels") is None:
             raise ValueError("CompatTrainer needs 'labels' in every batch")
         num_items = num_items_in_batch
         if num_items is None and model.training and self.args.gradient_accumulation_steps > 1:
@@ -49,8 +49,12 @@ class CompatTrainer(Trainer):
             num_items = (inputs["labels"][:, 1:] != -100).sum() * self.current_gradient_accumulation_steps
         args = self.compat_args
         if not model.training:  # evaluation: no backward, keep the logits intact
-            args = CompatArguments(**{**vars(args), "inplace_backward": False})
+            # logits only where the Trainer keeps them (prediction_step asks for outputs always)
+            wants_logits = return_outputs and not self.args.prediction_loss_only
+            args = CompatArguments(**{**vars(args), "inplace_backward": False,
+                                      "fused_linear": args.fused_linear and not wants_logits})
         loss, stats, out = compat_loss(model, inputs, args, num_items=num_items, return_outputs=True)
+        out = {} if out is None else out  # the fused path computes no logits
         if model.training:
             self._accumulate(stats)
         if (self.args.average_tokens_across_devices and num_items_in_batch is not None
