@@ -198,20 +198,27 @@ def _trainer_run(parts, tmp_path, fused):
     b = _batch(8, seed=3)
     rows = [{k: v[i] for k, v in b.items()} for i in range(8)]
     trainer = CompatTrainer(model, args, train_dataset=rows,
-                            compat_args=CompatArguments(fused_linear=fused, ce_weight=0.2))
+                            compat_args=CompatArguments(fused_linear=fused, ce_weight=0.2,
+                                                        chunk_size=8))
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     w1 = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    return logs, {n: w1[n] - w0[n] for n in w0}
+    with _VocabRows(VOCAB) as seen:
+        eval_loss = trainer.evaluate(eval_dataset=rows[:4])["eval_loss"]  # loss only: fused
+    assert seen.rows <= 8 if fused else seen.rows >= 4 * SEQ, seen.rows
+    pred = trainer.predict(rows[:4])  # the logits: materialised
+    assert pred.predictions.shape == (4, SEQ, VOCAB)
+    return logs + [{"loss": eval_loss}, {"loss": pred.metrics["test_loss"]}], \
+        {n: w1[n] - w0[n] for n in w0}
 
 
 def test_trainer_fused_and_materialised_agree(llama_parts, tmp_path):
     fused_logs, fused_dw = _trainer_run(llama_parts, tmp_path / "f", True)
     mat_logs, mat_dw = _trainer_run(llama_parts, tmp_path / "m", False)
-    assert len(fused_logs) == len(mat_logs) == 2
-    for lf, lm in zip(fused_logs, mat_logs):
+    assert len(fused_logs) == len(mat_logs) == 4  # two steps, evaluate, predict
+    for i, (lf, lm) in enumerate(zip(fused_logs, mat_logs)):
         keys = [k for k in lm if k == "loss" or k.startswith("compat/")]
-        assert len(keys) >= 7
+        assert len(keys) >= (7 if i < 2 else 1)
         for k in keys:
             assert math.isclose(lf[k], lm[k], rel_tol=1e-5, abs_tol=1e-6), (k, lf[k], lm[k])
     assert any(d.abs().sum() > 0 for d in fused_dw.values())
