@@ -228,8 +228,10 @@ def test_trainer_fused_and_materialised_agree(llama_parts, tmp_path):
 
 def test_default_chunk_from_budget():
     cpu = torch.device("cpu")
-    assert train_chunk_size(32000, cpu) * 3 * 4 * 32000 <= 32 << 20
-    assert train_chunk_size(128256, cpu) == 32  # the floor
+    for v in (32000, 128256, 262144):  # three models' fp32 chunk logits within the budget
+        c = train_chunk_size(v, cpu)
+        assert c * 3 * 4 * v <= 32 << 20 < (c + 1) * 3 * 4 * v, (v, c)
+    assert train_chunk_size(1 << 20, cpu) == 8  # the floor
     assert train_chunk_size(VOCAB, cpu) > 10_000
 
 

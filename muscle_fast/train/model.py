@@ -44,12 +44,12 @@ __all__ = [
 #: On the CPU it keeps a step's peak at or under 1/8 of the materialised step's at 4096 tokens,
 #: V=32000 (benchmarks/results/train_memory_cpu.csv); on CUDA larger chunks keep the GEMMs busy.
 TRAIN_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
-_MIN_CHUNK = 32
+_MIN_CHUNK = 8
 
 
 def train_chunk_size(vocab: int, device: torch.device) -> int:
     """Tokens per chunk of the fused training loss: three models' fp32 chunk logits fit
-    ``TRAIN_CHUNK_BYTES`` (at least 32 tokens)."""
+    ``TRAIN_CHUNK_BYTES`` (at least 8 tokens: the budget holds up to V = 350k on the CPU)."""
     budget = TRAIN_CHUNK_BYTES.get(torch.device(device).type, TRAIN_CHUNK_BYTES["cuda"])
     return max(_MIN_CHUNK, budget // (3 * 4 * max(int(vocab), 1)))
 
