@@ -5,7 +5,9 @@ Each (path, V, tokens) runs in its own subprocess: build the MUSCLE setup (new b
 compatibility and teacher adapters, old model), one warm-up step on 2 rows (lazy imports, the fused
 path's one-time head probe), then the peak-RSS growth of one step on the whole batch (Linux: VmHWM
 after resetting it through /proc/self/clear_refs; RSS before the step holds the models, the batch
-and the adapter gradients), then the median of timed steps: wall time and the process's CPU time
+and the adapter gradients; glibc's mmap threshold is fixed at 1 MiB in the child, so that every
+large tensor is mapped and unmapped on its own and the peak RSS follows the live tensors instead of
+the heap's reuse and fragmentation), then the median of timed steps: wall time and the process's CPU time
 (``time.process_time``; on a shared machine the CPU time is the work, the wall time adds the
 waits for a core, so the ratio is taken on CPU time with one thread). Correctness (loss, stats, adapter
 gradients) is checked in the parent, on a small batch, before any timing.
@@ -156,7 +158,8 @@ def main():
             for path in PATHS:
                 cmd = [sys.executable, __file__, "--path", path, "--v", str(v), "--tokens",
                        str(tokens), "--reps", str(args.reps), "--threads", str(args.threads)]
-                res = subprocess.run(cmd, capture_output=True, text=True, env=os.environ, check=False)
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+                res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
                 if res.returncode != 0:
                     raise RuntimeError(res.stderr[-3000:])
                 row = json.loads(res.stdout.strip().splitlines()[-1])
@@ -164,7 +167,7 @@ def main():
                     load = f.read().split()[0]
                 row.update(device=f"cpu ({_cpu_model()}, {args.threads} threads, "
                                   f"{os.cpu_count()} cores)", load_1min=float(load),
-                           dtype="float32", tokens=tokens, rows_x_seq=list(SEQ_PER_ROWS[tokens]),
+                           malloc_mmap_threshold=1 << 20, dtype="float32", tokens=tokens, rows_x_seq=list(SEQ_PER_ROWS[tokens]),
                            H=HIDDEN, V=v, chunk_size=train_chunk_size(v, torch.device("cpu"))
                            if path == "fused" else None, commit=commit,
                            torch=torch.__version__,
