@@ -19,9 +19,9 @@ class CompatTrainer(Trainer):
     Batches are dicts with ``input_ids``, ``labels`` (unshifted, ``-100`` where ignored) and
     optionally ``attention_mask``. Training steps (and evaluation that keeps only the loss) run the
     loss of ``compat_args`` (by default fused: no [batch, seq, vocab] logits); ``predict`` and
-    evaluation with ``compute_metrics`` run the materialised path, which returns the logits. Logs ``compat/<stat>`` (token-weighted means over the logging
-    interval of ``fused_compat_loss``'s stats, over the tokens of every data parallel rank) beside
-    the loss. Checkpoints and the final save hold
+    evaluation with ``compute_metrics`` run the materialised path, which returns the logits. Logs
+    ``compat/<stat>`` (token-weighted means over the logging interval of the loss's stats, over
+    the tokens of every data parallel rank) beside the loss. Checkpoints and the final save hold
     only the compatibility adapter (a plain peft adapter directory), plus the Trainer's state.
     """
 
