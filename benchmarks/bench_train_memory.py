@@ -1,16 +1,22 @@
 """One MUSCLE training step (``compat_training_step``), fused vs materialised: peak memory above the
 models and step time, on CPU with a tiny Llama (the loss dominates: hidden 64, one layer).
 
-Each (path, V, tokens) runs in its own subprocess: build the MUSCLE setup (new base with the
-compatibility and teacher adapters, old model), one warm-up step on 2 rows (lazy imports, the fused
-path's one-time head probe), then the peak-RSS growth of one step on the whole batch (Linux: VmHWM
-after resetting it through /proc/self/clear_refs; RSS before the step holds the models, the batch
-and the adapter gradients; glibc's mmap threshold is fixed at 1 MiB in the child, so that every
-large tensor is mapped and unmapped on its own and the peak RSS follows the live tensors instead of
-the heap's reuse and fragmentation), then the median of timed steps: wall time and the process's CPU time
-(``time.process_time``; on a shared machine the CPU time is the work, the wall time adds the
-waits for a core, so the ratio is taken on CPU time with one thread). Correctness (loss, stats, adapter
-gradients) is checked in the parent, on a small batch, before any timing.
+Each (path, V, tokens) runs in two subprocesses, each of which builds the MUSCLE setup (new base
+with the compatibility and teacher adapters, old model) and runs one warm-up step on 2 rows (lazy
+imports, the fused path's one-time head probe):
+
+- memory: the peak-RSS growth of one step on the whole batch (Linux: VmHWM after resetting it
+  through /proc/self/clear_refs; the RSS before the step holds the models, the batch and the
+  adapter gradients), with glibc's mmap threshold fixed at 1 MiB, so that every large tensor is
+  mapped and unmapped on its own and the peak follows the live tensors rather than the heap's
+  reuse and fragmentation;
+- time: the median of timed steps under the default allocator (the fixed threshold would add a
+  page fault per chunk), wall time and the process's CPU time (``time.process_time``; on a
+  shared machine the CPU time is the work, the wall time adds the waits for a core, so the ratio
+  is taken on CPU time, with one thread).
+
+Correctness (loss, stats, adapter gradients) is checked in the parent, on a small batch, before
+any timing.
 
     PYTHONPATH=. python benchmarks/bench_train_memory.py [--v 32000 128256 --tokens 1024 4096]
 """
@@ -91,19 +97,22 @@ def child(args):
         model = build(args.v, tmp)
     b = batch(args.v, rows, seq)
     step(model, batch(args.v, 2, 16, seed=1), args.path)  # warm-up
-    with open("/proc/self/clear_refs", "w") as f:  # Linux: peak RSS (VmHWM) := current RSS
-        f.write("5")
-    before = _status_kib("VmRSS:")
+    if args.measure == "memory":
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: peak RSS (VmHWM) := current RSS
+            f.write("5")
+        before = _status_kib("VmRSS:")
+        step(model, b, args.path)
+        growth = (_status_kib("VmHWM:") - before) * 1024
+        print(json.dumps({"peak_growth_bytes": growth, "rss_before_bytes": before * 1024}))
+        return
     step(model, b, args.path)
-    growth = (_status_kib("VmHWM:") - before) * 1024
     times, cpu = [], []
     for _ in range(args.reps):
         t0, c0 = time.perf_counter(), time.process_time()
         step(model, b, args.path)
         times.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    print(json.dumps({"path": args.path, "peak_growth_bytes": growth, "rss_before_bytes":
-                      before * 1024, "median_s": statistics.median(times), "times_s": times,
+    print(json.dumps({"median_s": statistics.median(times), "times_s": times,
                       "median_cpu_s": statistics.median(cpu), "cpu_s": cpu}))
 
 
@@ -139,6 +148,7 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)
+    p.add_argument("--measure", choices=("memory", "time"), help=argparse.SUPPRESS)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "train_memory_cpu.jsonl"))
     args = p.parse_args()
@@ -156,18 +166,25 @@ def main():
         for tokens in args.tokens:
             rows = {}
             for path in PATHS:
-                cmd = [sys.executable, __file__, "--path", path, "--v", str(v), "--tokens",
-                       str(tokens), "--reps", str(args.reps), "--threads", str(args.threads)]
-                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
-                res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-                if res.returncode != 0:
-                    raise RuntimeError(res.stderr[-3000:])
-                row = json.loads(res.stdout.strip().splitlines()[-1])
+                row = {"path": path}
+                for measure in ("memory", "time"):
+                    cmd = [sys.executable, __file__, "--path", path, "--measure", measure,
+                           "--v", str(v), "--tokens", str(tokens), "--reps", str(args.reps),
+                           "--threads", str(args.threads)]
+                    env = dict(os.environ)
+                    if measure == "memory":
+                        env["MALLOC_MMAP_THRESHOLD_"] = str(1 << 20)
+                    res = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                                         check=False)
+                    if res.returncode != 0:
+                        raise RuntimeError(res.stderr[-3000:])
+                    row.update(json.loads(res.stdout.strip().splitlines()[-1]))
                 with open("/proc/loadavg") as f:
                     load = f.read().split()[0]
                 row.update(device=f"cpu ({_cpu_model()}, {args.threads} threads, "
                                   f"{os.cpu_count()} cores)", load_1min=float(load),
-                           malloc_mmap_threshold=1 << 20, dtype="float32", tokens=tokens, rows_x_seq=list(SEQ_PER_ROWS[tokens]),
+                           memory_malloc_mmap_threshold=1 << 20, dtype="float32",
+                           tokens=tokens, rows_x_seq=list(SEQ_PER_ROWS[tokens]),
                            H=HIDDEN, V=v, chunk_size=train_chunk_size(v, torch.device("cpu"))
                            if path == "fused" else None, commit=commit,
                            torch=torch.__version__,
