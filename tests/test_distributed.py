@@ -21,6 +21,7 @@ order than the single-process sum, which is a rounding difference only.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -202,6 +203,46 @@ def _worker(case: str, out: Path, models: Path | None):
             n = global_num_items(batch["labels"][:, 1:])
             stats = compat_training_step(model, batch, num_items=n / world)
             result = {"loss": stats["loss"] / world, **_compat_grads(model.student)}
+        elif case in ("fsdp2_sharded_heads", "fsdp2_sharded_heads_materialised"):
+            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor import DTensor
+
+            from muscle_fast.train import CompatArguments, compat_training_step
+
+            # every decoder layer and both output heads sharded on their own, the CompatModel
+            # as root: a head's weight is whole only inside that head's forward, where the fused
+            # loss runs. Two micro-batches of one row per rank: 2 ranks x 2 = the batch of 4.
+            model = _build(models)
+            for m in list(model.modules()):
+                if type(m).__name__ == "LlamaDecoderLayer":
+                    fully_shard(m)
+            heads = [model.student.get_output_embeddings(), model.old_model.get_output_embeddings()]
+            for head in heads:
+                fully_shard(head)
+            fully_shard(model)
+            assert all(isinstance(h.weight, DTensor) for h in heads)  # outside forward: a shard
+            args = CompatArguments(fused_linear=case == "fsdp2_sharded_heads", chunk_size=3)
+            batch = {k: _shard(v, rank) for k, v in _compat_batch().items()}
+            n = global_num_items(batch["labels"][:, 1:])
+            losses = [compat_training_step(model, {k: v[i:i + 1] for k, v in batch.items()},
+                                           args=args, num_items=n / world)["loss"]
+                      for i in range(2)]
+            # the fused case ran fused (no fallback); the materialised one never asked
+            assert model._fused_reason == ("" if args.fused_linear else None)
+            result = {"loss": sum(losses) / world, **_compat_grads(model.student)}
+        elif case == "ddp_accumulate":
+            from muscle_fast.train import compat_training_step
+
+            model = DDP(_build(models))
+            batch = {k: _shard(v, rank) for k, v in _compat_batch().items()}
+            n = global_num_items(batch["labels"][:, 1:])  # over both micro-batches of this rank
+            losses = []
+            for i in range(2):
+                micro = {k: v[i:i + 1] for k, v in batch.items()}
+                ctx = model.no_sync() if i == 0 else contextlib.nullcontext()
+                with ctx:  # all-reduce once, after the last micro-batch
+                    losses.append(compat_training_step(model, micro, num_items=n / world)["loss"])
+            result = {"loss": sum(losses) / world, **_compat_grads(model.module.student)}
         elif case == "ddp_whole_compat_model":
             from muscle_fast.train import compat_training_step
 
@@ -302,6 +343,9 @@ def test_data_parallel_fused_loss_equals_one_process(case, tmp_path):
 @pytest.mark.parametrize("case", [
     pytest.param("ddp_compat_step", id="ddp-student"),
     pytest.param("ddp_whole_compat_model", id="ddp-compat-model"),
+    pytest.param("ddp_accumulate", id="ddp-accumulate-2x2"),
+    pytest.param("fsdp2_sharded_heads", id="fsdp2-sharded-heads-fused-2x2"),
+    pytest.param("fsdp2_sharded_heads_materialised", id="fsdp2-sharded-heads-materialised-2x2"),
     pytest.param("fsdp2_compat_step", id="fsdp2-student"),
     pytest.param("fsdp2_whole_compat_model", id="fsdp2-compat-model"),
     pytest.param("trainer", id="compat-trainer")])

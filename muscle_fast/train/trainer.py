@@ -17,9 +17,11 @@ class CompatTrainer(Trainer):
     """Trains ``CompatModel``'s compatibility adapter; the teachers stay frozen.
 
     Batches are dicts with ``input_ids``, ``labels`` (unshifted, ``-100`` where ignored) and
-    optionally ``attention_mask``. Logs ``compat/<stat>`` (token-weighted means over the logging
-    interval of ``fused_compat_loss``'s stats, over the tokens of every data parallel rank) beside
-    the loss. Checkpoints and the final save hold
+    optionally ``attention_mask``. Training steps (and evaluation that keeps only the loss) run the
+    loss of ``compat_args`` (by default fused: no [batch, seq, vocab] logits); ``predict`` and
+    evaluation with ``compute_metrics`` run the materialised path, which returns the logits. Logs
+    ``compat/<stat>`` (token-weighted means over the logging interval of the loss's stats, over
+    the tokens of every data parallel rank) beside the loss. Checkpoints and the final save hold
     only the compatibility adapter (a plain peft adapter directory), plus the Trainer's state.
     """
 
@@ -38,9 +40,18 @@ class CompatTrainer(Trainer):
         super().__init__(model=model, args=args, **kwargs)
         self.compat_args = compat_args or CompatArguments()
         self._stat_sums: dict = {}
+        self._logits_wanted = True
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        # evaluate() without compute_metrics keeps only the loss: the fused path then serves it
+        self._logits_wanted = not prediction_loss_only
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        finally:
+            self._logits_wanted = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if "labels" not in inputs:
+        if inputs.get("labels") is None:
             raise ValueError("CompatTrainer needs 'labels' in every batch")
         num_items = num_items_in_batch
         if num_items is None and model.training and self.args.gradient_accumulation_steps > 1:
@@ -49,8 +60,12 @@ class CompatTrainer(Trainer):
             num_items = (inputs["labels"][:, 1:] != -100).sum() * self.current_gradient_accumulation_steps
         args = self.compat_args
         if not model.training:  # evaluation: no backward, keep the logits intact
-            args = CompatArguments(**{**vars(args), "inplace_backward": False})
+            # logits only where the Trainer keeps them (prediction_step asks for outputs always)
+            wants_logits = return_outputs and self._logits_wanted
+            args = CompatArguments(**{**vars(args), "inplace_backward": False,
+                                      "fused_linear": args.fused_linear and not wants_logits})
         loss, stats, out = compat_loss(model, inputs, args, num_items=num_items, return_outputs=True)
+        out = {} if out is None else out  # the fused path computes no logits
         if model.training:
             self._accumulate(stats)
         if (self.args.average_tokens_across_devices and num_items_in_batch is not None
