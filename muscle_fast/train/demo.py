@@ -1,16 +1,21 @@
-"""``muscle-fast demo``: a controlled model update on real transformers + peft parts, end to end.
+"""``muscle-fast demo``: a real model update on tiny transformers + peft models, end to end.
 
 1. Two tiny Llama bases with one shared tokenizer, pre-trained here on a synthetic corpus of
-   digit operations (``op a b c = r``); v2 is the genuine upgrade: the same pre-training run
-   continued longer (450 -> 600 steps), which is where ``add2`` = (a+b) mod 10 is learned
-   (bases cached in the output directory after the first run).
-2. A downstream task with an exact answer, in a format the bases never saw
-   (``Q op a b c A r``); a LoRA task adapter is trained on each base on the same training items.
-3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out items:
-   accuracy, negative flips.
-4. The compatibility adapter (a copy of the v2 task adapter on v2) is trained with CompatTrainer
-   and ``fused_compat_loss`` for each mask (``muscle``, ``old_correct``, plain KD ``all_old``),
-   and evaluated: the paper's Table-4 columns, a flips plot and a results JSON.
+   digit operations (``op a b c = r``). The update changes what real updates change, the
+   pre-training data mix and the capacity: v2 is wider and trained longer on a corpus richer in
+   the arithmetic ops (``add``, ``add2``) and without two ops v1 saw (``max``, ``min``). Bases are
+   cached in the output directory.
+2. A downstream task in a format the bases never saw (``Q op a b c A r``), over all six ops. Its
+   training pool is split 0.8/0.2 into train and validation; a LoRA task adapter is trained on
+   each base on the train split and kept at its best validation loss (as the paper does).
+3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out test items
+   disjoint from train and validation: accuracy, negative and positive flips.
+4. Compatibility adapters, each a trainable copy of the v2 task adapter on v2, are trained with
+   ``fused_compat_loss`` on the train split, one per row: ``muscle``, ``old_correct``, plain KD
+   (``all_old``), and the CE control (the same loop with ``kl_weight=0, ce_weight=1``: the v2
+   task adapter trained further with cross-entropy only; same steps, lr, batches).
+5. Several seeds in one command (one process per seed, in parallel); a table per seed, a
+   summary over seeds, ``results.json``, ``details.json`` and ``flips.png``.
 """
 from __future__ import annotations
 
@@ -18,9 +23,10 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +35,12 @@ import torch
 OPS = ("first", "last", "max", "min", "add", "add2")
 DIGITS = tuple(str(d) for d in range(10))
 SPECIAL = ("<pad>", "<bos>", "<eos>", "=", "Q", "A")
+# the rows of the table, in order; the compatibility rows are trained from the v2 task adapter
+COMPAT_ROWS = ("muscle", "old_correct", "all_old", "ce_control")
+ROW_NAMES = {"v1": "v1 (old task model)", "v2": "v2 (new task model)",
+             "muscle": "MUSCLE (mask=muscle)", "old_correct": "mask=old_correct",
+             "all_old": "plain KD (all_old)", "ce_control": "CE control"}
+DEFAULT_SEEDS = (5, 6, 7)  # fixed before any MUSCLE number of this design was seen (DEMO_RESULTS.md)
 
 
 def _op(op: str, a: int, b: int, c: int) -> int:
@@ -42,47 +54,59 @@ def _op(op: str, a: int, b: int, c: int) -> int:
         return min(a, b, c)
     if op == "add":
         return (a + b + c) % 10
-    if op == "add2":  # ignores c: a 100-entry table, learned late in pre-training
+    if op == "add2":  # ignores c: a 100-entry table
         return (a + b) % 10
-    if op == "sub":
-        return (a - b + c) % 10
     raise ValueError(op)
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """One pre-trained base: its size, its pre-training steps and its corpus mix (op weights)."""
+
+    hidden: int
+    intermediate: int
+    steps: int
+    mix: tuple  # ((op, weight), ...); ops with weight 0 never occur in the corpus
+    layers: int = 2
+    heads: int = 4
+
+
+V1 = BaseSpec(hidden=64, intermediate=192, steps=600, mix=tuple((o, 1.0) for o in OPS))
+V2 = BaseSpec(hidden=96, intermediate=288, steps=900,
+              mix=(("first", 1.0), ("last", 1.0), ("max", 0.0), ("min", 0.0), ("add", 2.0),
+                   ("add2", 2.0)))
 
 
 @dataclass
 class DemoConfig:
-    """Everything that decides the demo's numbers (seeds included)."""
+    """Everything that decides one seed's numbers."""
 
     seed: int = 0
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    intermediate: int = 192
+    v1: BaseSpec = V1
+    v2: BaseSpec = V2
     pre_batch: int = 128
     pre_lr: float = 1e-3
-    # the update: v2 is the same pre-training run as v1, continued from 450 to 600 steps (a later
-    # checkpoint); on this corpus those extra steps are where `add2` and then `add` are learned.
-    # v2_from_v1=False trains v2 from its own init (measured worse: DEMO_RESULTS.md)
-    v1_steps: int = 450
-    v2_steps: int = 600
-    v2_from_v1: bool = True
-    n_task_train: int = 1500
-    n_test: int = 1500
+    n_pool: int = 2000  # task training pool, split train/val
+    val_frac: float = 0.2
+    n_test: int = 3000
     lora_r: int = 8
-    task_steps: int = 200
     task_batch: int = 64
-    task_lr: float = 3e-3
-    compat_steps: int = 200
+    task_lr: float = 2e-3
+    task_max_steps: int = 1500
+    task_eval_every: int = 25
+    task_patience: int = 6  # evaluations without a new best validation loss before stopping
+    compat_steps: int = 150
     compat_batch: int = 64
     compat_lr: float = 2e-3
     temperature: float = 2.0
-    masks: Sequence[str] = ("muscle", "old_correct", "all_old")
+    rows: Sequence[str] = COMPAT_ROWS
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
-        return cls(seed=seed, hidden=32, intermediate=64, v1_steps=60, v2_steps=120,
-                   n_task_train=256, n_test=256, task_steps=30, compat_steps=12, task_batch=32,
-                   compat_batch=32)
+        return cls(seed=seed, v1=replace(V1, hidden=32, intermediate=64, steps=60),
+                   v2=replace(V2, hidden=32, intermediate=64, steps=80), n_pool=320, n_test=256,
+                   task_max_steps=40, task_eval_every=10, task_patience=2, compat_steps=8,
+                   task_batch=32, compat_batch=32)
 
 
 # ---------------------------------------------------------------- data
@@ -103,7 +127,7 @@ def build_tokenizer():
 
 
 def _items(rng: np.random.Generator, n: int, exclude=frozenset()) -> list[tuple]:
-    """n distinct (op, a, b, c) items not in exclude."""
+    """n distinct (op, a, b, c) task items, ops uniform, none in exclude."""
     out, seen = [], set(exclude)
     while len(out) < n:
         it = (OPS[rng.integers(len(OPS))], *map(int, rng.integers(0, 10, 3)))
@@ -111,6 +135,15 @@ def _items(rng: np.random.Generator, n: int, exclude=frozenset()) -> list[tuple]
             seen.add(it)
             out.append(it)
     return out
+
+
+def split_items(cfg: DemoConfig) -> tuple[list, list, list]:
+    """(test, train, val): disjoint; train/val is the pool split (1 - val_frac) / val_frac."""
+    rng = np.random.default_rng(cfg.seed)
+    test = _items(rng, cfg.n_test)
+    pool = _items(rng, cfg.n_pool, exclude=frozenset(test))
+    n_val = round(cfg.val_frac * cfg.n_pool)
+    return test, pool[n_val:], pool[:n_val]
 
 
 def _encode(tok, texts: list[str]) -> torch.Tensor:
@@ -143,14 +176,14 @@ def _collate(rows):
 # ---------------------------------------------------------------- models
 
 
-def _tiny_llama(cfg: DemoConfig, vocab: int, seed: int):
+def _tiny_llama(spec: BaseSpec, vocab: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads, max_position_embeddings=16, tie_word_embeddings=False,
+        vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads, max_position_embeddings=16, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
@@ -160,47 +193,21 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
 
 
-def pretrain_base(cfg: DemoConfig, tok, steps: int, seed: int, quiet: bool,
-                  snapshots: dict | None = None):
-    """Causal-LM pre-training on the synthetic corpus (all ops, uniform mix); ``snapshots``
-    maps a step count to a directory where the model (and tokenizer) is saved after that step."""
-    model = _tiny_llama(cfg, len(tok), seed)
+def pretrain_base(spec: BaseSpec, cfg: DemoConfig, tok, seed: int, quiet: bool):
+    """Causal-LM pre-training on the synthetic corpus, ops drawn with the spec's mix."""
+    model = _tiny_llama(spec, len(tok), seed)
     model.train()
     rng = np.random.default_rng(seed)
+    ops = [o for o, w in spec.mix if w > 0]
+    p = np.array([w for _, w in spec.mix if w > 0], dtype=float)
+    p /= p.sum()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pre_lr, weight_decay=0.01)
-    bar = _progress(steps, f"pre-train base ({steps} steps)", quiet)
-    for step in range(1, steps + 1):
-        batch = [(OPS[rng.integers(len(OPS))], *map(int, rng.integers(0, 10, 3)))
+    bar = _progress(spec.steps, f"pre-train base ({spec.steps} steps)", quiet)
+    for _ in range(spec.steps):
+        batch = [(ops[rng.choice(len(ops), p=p)], *map(int, rng.integers(0, 10, 3)))
                  for _ in range(cfg.pre_batch)]
         ids = _encode(tok, [_pretrain_text(it) for it in batch])
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
-        bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
-        if snapshots and step in snapshots:
-            model.save_pretrained(snapshots[step])
-            tok.save_pretrained(snapshots[step])
-    bar.close()
-    return model.eval()
-
-
-def train_task_adapter(cfg: DemoConfig, base, rows, seed: int, quiet: bool, desc: str):
-    """A LoRA task adapter trained with cross-entropy on the answer token."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(
-        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"]))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.task_lr)
-    g = torch.Generator().manual_seed(seed)
-    bar = _progress(cfg.task_steps, desc, quiet)
-    for _ in range(cfg.task_steps):
-        idx = torch.randint(len(rows), (cfg.task_batch,), generator=g).tolist()
-        batch = _collate([rows[i] for i in idx])
-        loss = model(**batch).loss
         loss.backward()
         opt.step(), opt.zero_grad(set_to_none=True)
         bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -209,7 +216,60 @@ def train_task_adapter(cfg: DemoConfig, base, rows, seed: int, quiet: bool, desc
 
 
 @torch.no_grad()
-def predict(model, tok, items, batch: int = 512) -> np.ndarray:
+def _val_loss(model, val_batch: dict) -> float:
+    was = model.training
+    model.eval()
+    loss = float(model(**val_batch).loss)
+    model.train(was)
+    return loss
+
+
+def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool, desc: str):
+    """A LoRA task adapter trained with cross-entropy on the answer token, evaluated on the
+    validation split every ``task_eval_every`` steps and returned at its best validation loss
+    (early stopping after ``task_patience`` evaluations without a new best).
+
+    Returns ``(model, info)``, info = best step, best validation loss, steps run, the curve."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(
+        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"]))
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=cfg.task_lr)
+    g = torch.Generator().manual_seed(seed)
+    val_batch = _collate(val)
+    best = (_val_loss(model, val_batch), 0, {n: p.detach().clone() for n, p in params.items()})
+    curve, since_best, step = [(0, best[0])], 0, 0
+    bar = _progress(cfg.task_max_steps, desc, quiet)
+    while step < cfg.task_max_steps and since_best < cfg.task_patience:
+        idx = torch.randint(len(train), (cfg.task_batch,), generator=g).tolist()
+        loss = model(**_collate([train[i] for i in idx])).loss
+        loss.backward()
+        opt.step(), opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.task_eval_every == 0:
+            v = _val_loss(model, val_batch)
+            curve.append((step, v))
+            if v < best[0]:
+                best, since_best = (v, step, {n: p.detach().clone() for n, p in params.items()}), 0
+            else:
+                since_best += 1
+    bar.close()
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(best[2][n])
+    info = {"best_step": best[1], "best_val_loss": best[0], "steps_run": step,
+            "stopped_early": since_best >= cfg.task_patience, "val_curve": curve}
+    return model.eval(), info
+
+
+@torch.no_grad()
+def predict(model, tok, items, batch: int = 1024) -> np.ndarray:
     """The task answer: argmax over the ten digit tokens at the answer position."""
     digit_ids = torch.tensor(tok.convert_tokens_to_ids(list(DIGITS)))
     was = model.training
@@ -223,238 +283,345 @@ def predict(model, tok, items, batch: int = 512) -> np.ndarray:
     return torch.cat(preds).numpy()
 
 
-# ---------------------------------------------------------------- the run
-
-
-def _cache_key(cfg: DemoConfig, steps: int, seed: int) -> str:
-    keys = ("hidden", "layers", "heads", "intermediate", "pre_batch", "pre_lr")
-    blob = json.dumps({k: getattr(cfg, k) for k in keys} | {"steps": steps, "seed": seed,
-                                                          "vocab": SPECIAL + DIGITS + OPS})
+def _base_key(spec: BaseSpec, cfg: DemoConfig, seed: int) -> str:
+    blob = json.dumps({"spec": asdict(spec), "pre_batch": cfg.pre_batch, "pre_lr": cfg.pre_lr,
+                       "seed": seed, "vocab": SPECIAL + DIGITS + OPS})
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def _continued_bases(cfg, tok, seed, cache: Path, quiet, log):
-    """v1 and v2 as two checkpoints (v1_steps, v2_steps) of one pre-training run."""
+def _base(cfg: DemoConfig, tok, name: str, seed: int, cache: Path, quiet: bool, log):
     from transformers import LlamaForCausalLM
 
-    paths = [cache / f"base_{n}_{_cache_key(cfg, k, seed)}"
-             for n, k in (("v1", cfg.v1_steps), ("v2", cfg.v2_steps))]
-    if all((p / "config.json").exists() for p in paths):
-        log(f"  v1, v2: cached pre-trained bases {paths[0]}, {paths[1]}")
-    else:
-        t = time.perf_counter()
-        pretrain_base(cfg, tok, cfg.v2_steps, seed, quiet,
-                      snapshots={cfg.v1_steps: paths[0], cfg.v2_steps: paths[1]})
-        log(f"  v1, v2: one pre-training run, checkpoints at {cfg.v1_steps} and {cfg.v2_steps} "
-            f"steps, in {time.perf_counter() - t:.1f} s -> {paths[0]}, {paths[1]}")
-    return [(LlamaForCausalLM.from_pretrained(p).eval(), p) for p in paths]
-
-
-def _base(cfg, tok, name, steps, seed, cache: Path, quiet, log):
-    from transformers import LlamaForCausalLM
-
-    path = cache / f"base_{name}_{_cache_key(cfg, steps, seed)}"
+    spec = getattr(cfg, name)
+    path = cache / f"base_{name}_{_base_key(spec, cfg, seed)}"
     if (path / "config.json").exists():
         log(f"  {name}: cached pre-trained base {path}")
         return LlamaForCausalLM.from_pretrained(path).eval(), path
     t = time.perf_counter()
-    model = pretrain_base(cfg, tok, steps, seed, quiet)
+    model = pretrain_base(spec, cfg, tok, seed, quiet)
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    log(f"  {name}: pre-trained {steps} steps in {time.perf_counter() - t:.1f} s -> {path}")
+    log(f"  {name}: pre-trained (hidden {spec.hidden}, {spec.steps} steps) in "
+        f"{time.perf_counter() - t:.1f} s -> {path}")
     return model, path
 
 
-class _Bar:
-    """A tqdm bar for a Trainer run showing the loss and the fraction of tokens sent to old."""
-
-    def __new__(cls, desc: str, quiet: bool):
-        from transformers import TrainerCallback
-
-        class Bar(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                self.bar = _progress(state.max_steps, desc, quiet)
-
-            def on_step_end(self, args, state, control, **kw):
-                self.bar.update()
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    self.bar.set_postfix(loss=f"{logs['loss']:.4f}",
-                                         to_old=f"{logs.get('compat/frac_to_old', 0):.2f}")
-
-            def on_train_end(self, args, state, control, **kw):
-                self.bar.close()
-
-        return Bar()
+# ---------------------------------------------------------------- one seed
 
 
-def _eval_log(name: str, items, preds: np.ndarray, labels: np.ndarray):
-    from muscle_fast.flips import EvalLog
+def _row_args(row: str, cfg: DemoConfig):
+    from muscle_fast.train import CompatArguments
 
-    keys = list(range(len(items)))
-    return EvalLog(path=f"<demo:{name}>", fmt="jsonl", metric="acc", order=keys,
-                   scores={k: float(preds[k] == labels[k]) for k in keys},
-                   preds={k: int(preds[k]) for k in keys}, pred_note=None,
-                   labels={k: int(labels[k]) for k in keys})
+    if row == "ce_control":  # the same loop and loss call, cross-entropy only
+        return CompatArguments(mask="all_old", temperature=cfg.temperature, kl_weight=0.0,
+                               ce_weight=1.0)
+    return CompatArguments(mask=row, temperature=cfg.temperature)
 
 
-def run_demo(out_dir, cfg: DemoConfig | None = None, quiet: bool = False,
-             console=None) -> dict:
-    """Run the whole demo; write ``results.json`` and ``flips.png`` in ``out_dir``; return the
-    results dict (rates as fractions)."""
-    # tiny matmuls gain nothing from intra-op threads, and OpenMP threads stall badly when the
-    # cores are shared (measured here: a pre-training step took 0.05 s on 1 thread, 3 s on 2)
+def train_compat_row(cfg: DemoConfig, row: str, paths: dict, tok, train, val, quiet: bool):
+    """One compatibility adapter (from the v2 task adapter), trained with
+    ``compat_training_step`` on the train split; every row sees the same batches."""
+    from muscle_fast.train import build_compat_model, compat_training_step
+
+    model = build_compat_model(str(paths["v2"]), str(paths["adapter_v2"]), str(paths["v1"]),
+                               str(paths["adapter_v1"]), old_tokenizer=tok, new_tokenizer=tok)
+    opt = torch.optim.AdamW(model.compat_parameters(), lr=cfg.compat_lr)
+    args = _row_args(row, cfg)
+    g = torch.Generator().manual_seed(cfg.seed * 100 + 21)
+    log, bar = [], _progress(cfg.compat_steps, f"compat adapter: {row}", quiet)
+    for step in range(1, cfg.compat_steps + 1):
+        idx = torch.randint(len(train), (cfg.compat_batch,), generator=g).tolist()
+        stats = compat_training_step(model, _collate([train[i] for i in idx]), opt, args)
+        bar.update(), bar.set_postfix(loss=f"{stats['loss']:.4f}",
+                                      to_old=f"{stats['frac_to_old']:.2f}")
+        if step % max(1, cfg.compat_steps // 5) == 0 or step == cfg.compat_steps:
+            log.append({"step": step, **stats})
+    bar.close()
+    val_loss = _val_loss(model.student, _collate(val))
+    return model, log, val_loss
+
+
+def _rates(old: np.ndarray, new: np.ndarray) -> dict:
+    return {"acc": float(new.mean()), "nfr": float(np.mean(old & ~new)),
+            "pfr": float(np.mean(~old & new))}
+
+
+def run_seed(out_dir, cfg: DemoConfig, quiet: bool = True, console=None) -> dict:
+    """One seed, end to end; returns ``{"result": <results.json seed entry>, "details": ...}``."""
     threads = torch.get_num_threads()
+    # tiny matmuls gain nothing from intra-op threads, and OpenMP threads stall badly when the
+    # cores are shared; seeds run in parallel processes instead
     torch.set_num_threads(1)
     try:
-        return _run_demo(out_dir, cfg, quiet, console)
+        return _run_seed(out_dir, cfg, quiet, console)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_demo(out_dir, cfg, quiet, console) -> dict:
-    from rich.console import Console
-    from transformers import PrinterCallback, TrainingArguments
+def _run_seed(out_dir, cfg: DemoConfig, quiet: bool, console) -> dict:
     from transformers.utils import logging as hf_logging
 
-    from muscle_fast import flips, metrics
-    from muscle_fast.train import CompatArguments, CompatTrainer, build_compat_model
+    from muscle_fast import metrics
 
-    cfg = cfg or DemoConfig()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    console = console or Console(quiet=quiet)
-    log = console.print
+    log = console.print if console is not None else (lambda *a, **k: None)
     out = Path(out_dir)
     (out / "cache").mkdir(parents=True, exist_ok=True)
+    run_dir = out / f"run_seed{cfg.seed}"
     t0 = time.perf_counter()
     tok = build_tokenizer()
 
-    log("[bold]1. pre-training the bases[/bold] (v2 = the upgrade: "
-        f"{cfg.v2_steps} vs {cfg.v1_steps} steps"
-        f"{', one run continued' if cfg.v2_from_v1 else ', own init'})")
-    if cfg.v2_from_v1:
-        (v1, v1_path), (v2, v2_path) = _continued_bases(cfg, tok, cfg.seed * 100 + 1,
-                                                        out / "cache", quiet, log)
-    else:
-        v1, v1_path = _base(cfg, tok, "v1", cfg.v1_steps, cfg.seed * 100 + 1, out / "cache",
-                            quiet, log)
-        v2, v2_path = _base(cfg, tok, "v2", cfg.v2_steps, cfg.seed * 100 + 2, out / "cache",
-                            quiet, log)
+    log(f"[bold]seed {cfg.seed}: 1. bases[/bold] (v1 hidden {cfg.v1.hidden}, {cfg.v1.steps} "
+        f"steps, all ops; v2 hidden {cfg.v2.hidden}, {cfg.v2.steps} steps, new mix)")
+    v1, v1_path = _base(cfg, tok, "v1", cfg.seed * 100 + 1, out / "cache", quiet, log)
+    v2, v2_path = _base(cfg, tok, "v2", cfg.seed * 100 + 2, out / "cache", quiet, log)
+    t_bases = time.perf_counter() - t0
 
-    rng = np.random.default_rng(cfg.seed)
-    test_items = _items(rng, cfg.n_test)
-    train_items = _items(rng, cfg.n_task_train, exclude=frozenset(test_items))
-    labels = np.array([_op(*it) for it in test_items])
-    rows = task_rows(tok, train_items)
-
-    log(f"[bold]2. task adapters[/bold] (LoRA r={cfg.lora_r}, {len(train_items)} training items, "
-        f"{len(test_items)} held-out test items)")
-    run_dir = out / f"run_seed{cfg.seed}"
-    m_old = train_task_adapter(cfg, v1, rows, cfg.seed * 100 + 11, quiet, "task adapter on v1")
+    test, train_items, val_items = split_items(cfg)
+    labels = np.array([_op(*it) for it in test])
+    train, val = task_rows(tok, train_items), task_rows(tok, val_items)
+    log(f"[bold]seed {cfg.seed}: 2. task adapters[/bold] (LoRA r={cfg.lora_r}, "
+        f"{len(train)} train / {len(val)} val items, best validation loss)")
+    m_old, info_v1 = train_task_adapter(cfg, v1, train, val, cfg.seed * 100 + 11, quiet,
+                                        "task adapter on v1")
     m_old.save_pretrained(run_dir / "adapter_v1")
-    m_new = train_task_adapter(cfg, v2, rows, cfg.seed * 100 + 12, quiet, "task adapter on v2")
+    m_new, info_v2 = train_task_adapter(cfg, v2, train, val, cfg.seed * 100 + 12, quiet,
+                                        "task adapter on v2")
     m_new.save_pretrained(run_dir / "adapter_v2")
-    preds = {"old": predict(m_old, tok, test_items), "new": predict(m_new, tok, test_items)}
-    log(f"  task adapters trained and evaluated ({time.perf_counter() - t0:.0f} s so far)")
+    correct = {"v1": predict(m_old, tok, test) == labels, "v2": predict(m_new, tok, test) == labels}
     del m_old, m_new, v1, v2
 
-    log("[bold]3. compatibility adapters[/bold] (CompatTrainer + fused_compat_loss, "
-        f"T={cfg.temperature}, {cfg.compat_steps} steps per mask)")
-    train_log = {}
-    for mask in cfg.masks:
-        model = build_compat_model(str(v2_path), str(run_dir / "adapter_v2"), str(v1_path),
-                                   str(run_dir / "adapter_v1"), old_tokenizer=tok,
-                                   new_tokenizer=tok)
-        args = TrainingArguments(
-            output_dir=str(run_dir / f"trainer_{mask}"), per_device_train_batch_size=cfg.compat_batch,
-            max_steps=cfg.compat_steps, learning_rate=cfg.compat_lr, lr_scheduler_type="constant",
-            logging_steps=max(1, cfg.compat_steps // 4), save_strategy="no", report_to=[],
-            seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, disable_tqdm=True,
-            dataloader_num_workers=0)
-        trainer = CompatTrainer(model, args, train_dataset=rows, data_collator=_collate,
-                                compat_args=CompatArguments(mask=mask, temperature=cfg.temperature))
-        trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(_Bar(f"compat adapter, mask={mask}", quiet))
-        trainer.train()
-        model.save_pretrained(run_dir / f"compat_{mask}")
-        preds[mask] = predict(model.student, tok, test_items)
-        train_log[mask] = [h for h in trainer.state.log_history if "loss" in h]
-        log(f"  mask={mask}: trained and evaluated ({time.perf_counter() - t0:.0f} s so far)")
-        del trainer, model
+    paths = {"v1": v1_path, "v2": v2_path, "adapter_v1": run_dir / "adapter_v1",
+             "adapter_v2": run_dir / "adapter_v2"}
+    log(f"[bold]seed {cfg.seed}: 3. compatibility rows[/bold] ({cfg.compat_steps} steps each, "
+        f"lr {cfg.compat_lr}, T={cfg.temperature})")
+    train_log, val_loss = {}, {}
+    for row in cfg.rows:
+        model, train_log[row], val_loss[row] = train_compat_row(cfg, row, paths, tok, train, val,
+                                                                quiet)
+        model.save_pretrained(run_dir / f"compat_{row}")
+        correct[row] = predict(model.student, tok, test) == labels
+        del model
 
-    logs = {name: _eval_log(name, test_items, p, labels) for name, p in preds.items()}
-    keys = logs["old"].order
-    upd = metrics.discriminative_flips([logs["old"].scores[k] for k in keys],
-                                       [logs["new"].scores[k] for k in keys])
-    rows_out = {}
-    for mask in cfg.masks:
-        s = lambda n: np.array([logs[n].scores[k] for k in keys])
-        d = metrics.compat_deltas(s("old"), s("new"), s(mask))
-        rows_out[mask] = {"acc_c": float(s(mask).mean()), **d.as_dict()}
-    report = flips.flip_report({"old": logs["old"], "new": logs["new"],
-                                "compat": logs[cfg.masks[0]]}, keys)
-    png = out / "flips.png"
-    flips.plot_flips(report, {"old": logs["old"], "new": logs["new"],
-                              "compat": logs[cfg.masks[0]]}, keys, png)
-    per_op = {op: {n: float(np.mean([logs[n].scores[k] for k in keys if test_items[k][0] == op]))
-                   for n in preds} for op in OPS}
-    result = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "acc_v1": upd.acc_old, "acc_v2": upd.acc_new, "nfr": upd.nfr, "pfr": upd.pfr,
-        "compat": rows_out, "per_op_acc": per_op, "train_log": train_log,
-        "flip_report_muscle": report, "seconds": round(time.perf_counter() - t0, 1),
-        "outputs": {"flips_png": str(png), "run_dir": str(run_dir)},
+    o = correct["v1"]
+    models = {"v1": {"acc": float(o.mean())},
+              "v2": {**_rates(o, correct["v2"]), "n_negative_flips": int(np.sum(o & ~correct["v2"]))}}
+    for row in cfg.rows:
+        d = metrics.compat_deltas(o.astype(float), correct["v2"].astype(float),
+                                  correct[row].astype(float))
+        models[row] = {**_rates(o, correct[row]), "d_nfr_c": d.dnfr_c,
+                       "d_pct_nfr_c": d.dpct_nfr_c, "dacc_c": d.dacc_c}
+    per_op = {op: {n: float(np.mean([c[k] for k in range(len(test)) if test[k][0] == op]))
+                   for n, c in correct.items()} for op in OPS}
+    flips = {row: int(np.sum(o & ~c)) for row, c in correct.items() if row != "v1"}
+    grids = {row: [[int(np.sum(o & c)), int(np.sum(o & ~c))],
+                   [int(np.sum(~o & c)), int(np.sum(~o & ~c))]]
+             for row, c in correct.items() if row != "v1"}
+    details = {
+        "seed": cfg.seed,
+        "config": _config_dict(cfg),
+        "n_train": len(train), "n_val": len(val), "n_test": len(test),
+        "task_adapters": {"v1": info_v1, "v2": info_v2},
+        "val_loss_after_compat": val_loss,
+        "n_negative_flips": flips, "flip_grids": grids, "per_op_acc": per_op,
+        "train_log": train_log,
+        "seconds": {"bases": round(t_bases, 1), "total": round(time.perf_counter() - t0, 1)},
     }
-    flips.write_json(result, out / "results.json")
-    _render(result, console)
-    log(f"results: {out / 'results.json'}   flips plot: {png}   "
-        f"time: {result['seconds']:.0f} s")
+    return {"result": {"seed": cfg.seed, "n_test": len(test), "models": models},
+            "details": details}
+
+
+def _config_dict(cfg: DemoConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg), default=list))
+
+
+# ---------------------------------------------------------------- several seeds
+
+
+def _seed_worker(out_dir: str, cfg: DemoConfig) -> dict:
+    return run_seed(out_dir, cfg, quiet=True, console=None)
+
+
+def summarize(seed_results: list[dict]) -> dict:
+    """Mean, min and max over seeds of every rate and delta of every row (fractions)."""
+    rows = {}
+    for name in ("v1", "v2", *COMPAT_ROWS):
+        entries = [r["models"][name] for r in seed_results if name in r["models"]]
+        if not entries:
+            continue
+        rows[name] = {}
+        for key in entries[0]:
+            vals = [float(e[key]) for e in entries]
+            finite = [v for v in vals if math.isfinite(v)]
+            rows[name][key] = {"mean": float(np.mean(finite)) if finite else None,
+                               "min": min(vals), "max": max(vals)}
+    out = {"seeds": [r["seed"] for r in seed_results], "rows": rows}
+    if "muscle" in rows:
+        target = []
+        for r in seed_results:
+            m, v2 = r["models"]["muscle"], r["models"]["v2"]
+            c = r["models"].get("ce_control")
+            target.append({"seed": r["seed"], "d_pct_nfr_c_le_-15pct": m["d_pct_nfr_c"] <= -0.15,
+                           "acc_c_ge_acc_v2_-1pt": m["acc"] >= v2["acc"] - 0.01,
+                           "beats_ce_control": None if c is None else m["nfr"] < c["nfr"]})
+        mean_pct = rows["muscle"]["d_pct_nfr_c"]["mean"]
+        out["target"] = {"per_seed": target,
+                         "mean_d_pct_nfr_c_le_-30pct": mean_pct is not None and mean_pct <= -0.30,
+                         "met": (mean_pct is not None and mean_pct <= -0.30 and all(
+                             t["d_pct_nfr_c_le_-15pct"] and t["acc_c_ge_acc_v2_-1pt"]
+                             and t["beats_ce_control"] is not False for t in target))}
+    return out
+
+
+def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet: bool = False,
+             console=None, quick: bool = False, jobs: int | None = None,
+             cfg: DemoConfig | None = None) -> dict:
+    """Run the demo for every seed (``jobs`` processes at a time; default: one per core); write
+    ``results.json``, ``details.json`` and ``flips.png`` in ``out_dir``; return the results dict
+    (rates as fractions). ``cfg`` (its seed is replaced) overrides the default configuration."""
+    from rich.console import Console
+
+    console = console or Console(quiet=quiet)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    cfgs = [replace(cfg, seed=s) if cfg is not None
+            else DemoConfig.quick(s) if quick else DemoConfig(seed=s) for s in seeds]
+    jobs = max(1, min(len(seeds), jobs or os.cpu_count() or 1))
+    t0 = time.perf_counter()
+    done = {}
+    if jobs == 1:
+        for c in cfgs:
+            done[c.seed] = run_seed(out, c, quiet=quiet, console=console)
+            _render_seed(done[c.seed]["result"], console)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        console.print(f"running seeds {seeds} in {jobs} processes (bases cached in {out / 'cache'})")
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            futs = {pool.submit(_seed_worker, str(out), c): c.seed for c in cfgs}
+            for f in as_completed(futs):
+                done[futs[f]] = f.result()
+                console.print(f"  seed {futs[f]} done ({time.perf_counter() - t0:.0f} s)")
+        for s in seeds:
+            _render_seed(done[s]["result"], console)
+    results = [done[s]["result"] for s in seeds]
+    summary = summarize(results)
+    wall = round(time.perf_counter() - t0, 1)
+    result = {"seeds": results, "summary": summary, "wall_s": wall}
+    from muscle_fast import flips as _flips
+
+    _flips.write_json(result, out / "results.json")
+    _flips.write_json({"seeds": [done[s]["details"] for s in seeds]}, out / "details.json")
+    from .demo_plot import plot_demo
+
+    plot_demo(results, [done[s]["details"] for s in seeds], out / "flips.png")
+    _render_summary(summary, console)
+    console.print(f"results: {out / 'results.json'}  details: {out / 'details.json'}  "
+                  f"plot: {out / 'flips.png'}  wall time: {wall:.0f} s")
     return result
 
 
-def _render(r: dict, console) -> None:
+# ---------------------------------------------------------------- printing
+
+
+def _pct(x, signed: bool = False) -> str:
+    if x is None:
+        return ""
+    if math.isinf(x):
+        return "+inf" if x > 0 else "-inf"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _render_seed(r: dict, console) -> None:
     from rich.table import Table
 
-    def pct(x, signed=False):
-        if x is None:
-            return ""
-        if math.isinf(x):
-            return "+inf" if x > 0 else "-inf"
-        return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
-
-    t = Table(title=f"Model update v1 -> v2 on the held-out task items "
-                    f"(n={r['flip_report_muscle']['n']}, seed {r['config']['seed']}); values in %")
-    for c in ("model", "acc", "NFR", "dacc_c", "dNFR_c", "d%NFR_c"):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    t.add_row("old  v1 + task adapter", pct(r["acc_v1"]), "", "", "", "")
-    t.add_row("new  v2 + task adapter", pct(r["acc_v2"]), pct(r["nfr"]), "", "", "")
-    names = {"muscle": "MUSCLE (mask=muscle)", "old_correct": "mask=old_correct",
-             "all_old": "plain KD (mask=all_old)"}
-    for mask, row in r["compat"].items():
-        t.add_row(names.get(mask, f"mask={mask}"), pct(row["acc_c"]), pct(row["nfr_c"]),
-                  pct(row["dacc_c"], True), pct(row["dnfr_c"], True), pct(row["dpct_nfr_c"], True))
+    m = r["models"]
+    t = Table(title=f"seed {r['seed']}: update v1 -> v2 on {r['n_test']} held-out items "
+                    f"({m['v2']['n_negative_flips']} negative flips); values in %")
+    for c in ("row", "acc", "NFR", "PFR", "dNFR_c", "d%NFR_c", "dacc_c"):
+        t.add_column(c, justify="left" if c == "row" else "right")
+    t.add_row(ROW_NAMES["v1"], _pct(m["v1"]["acc"]), "", "", "", "", "")
+    t.add_row(ROW_NAMES["v2"], _pct(m["v2"]["acc"]), _pct(m["v2"]["nfr"]), _pct(m["v2"]["pfr"]),
+              "", "", "")
+    for row in COMPAT_ROWS:
+        if row in m:
+            e = m[row]
+            t.add_row(ROW_NAMES[row], _pct(e["acc"]), _pct(e["nfr"]), _pct(e["pfr"]),
+                      _pct(e["d_nfr_c"], True), _pct(e["d_pct_nfr_c"], True),
+                      _pct(e["dacc_c"], True))
     console.print(t)
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The summary as plain text lines: mean (min..max) over seeds of every rate and delta."""
+    def cell(e, signed=False):
+        mean = _pct(e["mean"], signed) if e["mean"] is not None else "n/a"
+        return f"{mean} ({_pct(e['min'], signed)}..{_pct(e['max'], signed)})"
+
+    head = f"summary over seeds {','.join(map(str, s['seeds']))}: mean (min..max), in %"
+    lines = [head + " (d%NFR_c means leave out infinite values)"]
+    keys = (("acc", "acc", False), ("nfr", "NFR", False), ("pfr", "PFR", False),
+            ("d_nfr_c", "dNFR_c", True), ("d_pct_nfr_c", "d%NFR_c", True),
+            ("dacc_c", "dacc_c", True))
+    for name, e in s["rows"].items():
+        parts = [f"{label} {cell(e[k], signed)}" for k, label, signed in keys if k in e]
+        lines.append(f"  {ROW_NAMES[name]:<21} " + " | ".join(parts))
+    if "target" in s:
+        tg = s["target"]
+        lines.append(f"target: MUSCLE mean d%NFR_c <= -30%: "
+                     f"{'yes' if tg['mean_d_pct_nfr_c_le_-30pct'] else 'no'}")
+        for p in tg["per_seed"]:
+            lines.append(f"  seed {p['seed']}: d%NFR_c <= -15% "
+                         f"{'yes' if p['d_pct_nfr_c_le_-15pct'] else 'no'}, acc_c >= acc_v2 - 1 "
+                         f"{'yes' if p['acc_c_ge_acc_v2_-1pt'] else 'no'}, NFR below the CE "
+                         f"control's {'yes' if p['beats_ce_control'] else 'no'}")
+        lines.append(f"target {'MET' if tg['met'] else 'NOT MET'}")
+    return lines
+
+
+def _render_summary(s: dict, console) -> None:
+    for line in summary_lines(s):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- CLI
 
 
+def _seed_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        if "-" in part.strip()[1:]:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part.strip():
+            out.append(int(part))
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return out
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``muscle-fast demo``."""
     parser.add_argument("--out", default="muscle_demo", help="output directory (results.json, "
-                        "flips.png, cached bases); default: ./muscle_demo")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    parser.add_argument("--quick", action="store_true", help="a tiny run (under a minute), for tests")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
+                        "details.json, flips.png, cached bases); default: ./muscle_demo")
+    parser.add_argument("--seeds", type=_seed_list, default=list(DEFAULT_SEEDS),
+                        help="comma-separated seeds or ranges, e.g. 0,1,2 or 0-4 (default: "
+                        f"{','.join(map(str, DEFAULT_SEEDS))})")
+    parser.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="seeds run in parallel processes (default: one per CPU core)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run, for tests")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     return parser
 
 
 def demo_main(args: argparse.Namespace) -> int:
     """Entry point of ``muscle-fast demo``; returns the exit code."""
-    cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
-    run_demo(args.out, cfg, quiet=args.quiet)
+    seeds = [args.seed] if args.seed is not None else args.seeds
+    run_demo(args.out, seeds, quiet=args.quiet, quick=args.quick, jobs=args.jobs)
     return 0
 
 
