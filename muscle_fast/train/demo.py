@@ -289,24 +289,7 @@ def _base_key(spec: BaseSpec, cfg: DemoConfig, seed: int) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def _base(cfg: DemoConfig, tok, name: str, seed: int, cache: Path, quiet: bool, log):
-    from transformers import LlamaForCausalLM
-
-    spec = getattr(cfg, name)
-    path = cache / f"base_{name}_{_base_key(spec, cfg, seed)}"
-    if (path / "config.json").exists():
-        log(f"  {name}: cached pre-trained base {path}")
-        return LlamaForCausalLM.from_pretrained(path).eval(), path
-    t = time.perf_counter()
-    model = pretrain_base(spec, cfg, tok, seed, quiet)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    log(f"  {name}: pre-trained (hidden {spec.hidden}, {spec.steps} steps) in "
-        f"{time.perf_counter() - t:.1f} s -> {path}")
-    return model, path
-
-
-# ---------------------------------------------------------------- one seed
+# ---------------------------------------------------------------- the three phases
 
 
 def _row_args(row: str, cfg: DemoConfig):
@@ -328,7 +311,7 @@ def train_compat_row(cfg: DemoConfig, row: str, paths: dict, tok, train, val, qu
     opt = torch.optim.AdamW(model.compat_parameters(), lr=cfg.compat_lr)
     args = _row_args(row, cfg)
     g = torch.Generator().manual_seed(cfg.seed * 100 + 21)
-    log, bar = [], _progress(cfg.compat_steps, f"compat adapter: {row}", quiet)
+    log, bar = [], _progress(cfg.compat_steps, f"seed {cfg.seed}: compat adapter {row}", quiet)
     for step in range(1, cfg.compat_steps + 1):
         idx = torch.randint(len(train), (cfg.compat_batch,), generator=g).tolist()
         stats = compat_training_step(model, _collate([train[i] for i in idx]), opt, args)
@@ -341,106 +324,129 @@ def train_compat_row(cfg: DemoConfig, row: str, paths: dict, tok, train, val, qu
     return model, log, val_loss
 
 
+class _Job:
+    """One unit of work of one seed (a base, a task adapter, a compatibility row), run in this
+    process or a worker; one thread each: tiny matmuls gain nothing from intra-op threads, and
+    OpenMP threads stall badly on shared cores, so the units run in parallel processes instead."""
+
+    def __init__(self, out: Path, cfg: DemoConfig, kind: str, name: str, quiet: bool):
+        self.out, self.cfg, self.kind, self.name, self.quiet = out, cfg, kind, name, quiet
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / f"run_seed{self.cfg.seed}"
+
+    def base_path(self, name: str) -> Path:
+        spec = getattr(self.cfg, name)
+        return self.out / "cache" / f"base_{name}_{_base_key(spec, self.cfg, self._base_seed(name))}"
+
+    def _base_seed(self, name: str) -> int:
+        return self.cfg.seed * 100 + (1 if name == "v1" else 2)
+
+    def __call__(self) -> dict:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        t, cpu = time.perf_counter(), time.process_time()
+        try:
+            out = getattr(self, f"_{self.kind}")()
+        finally:
+            torch.set_num_threads(threads)
+        return {**out, "seconds": round(time.perf_counter() - t, 1),
+                "cpu_s": round(time.process_time() - cpu, 1)}
+
+    def _base(self) -> dict:
+        path = self.base_path(self.name)
+        if (path / "config.json").exists():
+            return {"path": str(path), "cached": True}
+        tok = build_tokenizer()
+        model = pretrain_base(getattr(self.cfg, self.name), self.cfg, tok,
+                              self._base_seed(self.name), self.quiet)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        return {"path": str(path), "cached": False}
+
+    def _adapter(self) -> dict:
+        from transformers import LlamaForCausalLM
+
+        tok = build_tokenizer()
+        test, train_items, val_items = split_items(self.cfg)
+        base = LlamaForCausalLM.from_pretrained(self.base_path(self.name)).eval()
+        seed = self.cfg.seed * 100 + (11 if self.name == "v1" else 12)
+        model, info = train_task_adapter(self.cfg, base, task_rows(tok, train_items),
+                                         task_rows(tok, val_items), seed, self.quiet,
+                                         f"seed {self.cfg.seed}: task adapter on {self.name}")
+        model.save_pretrained(self.run_dir / f"adapter_{self.name}")
+        labels = np.array([_op(*it) for it in test])
+        return {"info": info, "correct": predict(model, tok, test) == labels}
+
+    def _compat(self) -> dict:
+        tok = build_tokenizer()
+        test, train_items, val_items = split_items(self.cfg)
+        paths = {"v1": self.base_path("v1"), "v2": self.base_path("v2"),
+                 "adapter_v1": self.run_dir / "adapter_v1",
+                 "adapter_v2": self.run_dir / "adapter_v2"}
+        model, log, val_loss = train_compat_row(self.cfg, self.name, paths, tok,
+                                                task_rows(tok, train_items),
+                                                task_rows(tok, val_items), self.quiet)
+        model.save_pretrained(self.run_dir / f"compat_{self.name}")
+        labels = np.array([_op(*it) for it in test])
+        return {"train_log": log, "val_loss": val_loss,
+                "correct": predict(model.student, tok, test) == labels}
+
+
+def _call(job: _Job) -> dict:
+    return job()
+
+
 def _rates(old: np.ndarray, new: np.ndarray) -> dict:
     return {"acc": float(new.mean()), "nfr": float(np.mean(old & ~new)),
             "pfr": float(np.mean(~old & new))}
 
 
-def run_seed(out_dir, cfg: DemoConfig, quiet: bool = True, console=None) -> dict:
-    """One seed, end to end; returns ``{"result": <results.json seed entry>, "details": ...}``."""
-    threads = torch.get_num_threads()
-    # tiny matmuls gain nothing from intra-op threads, and OpenMP threads stall badly when the
-    # cores are shared; seeds run in parallel processes instead
-    torch.set_num_threads(1)
-    try:
-        return _run_seed(out_dir, cfg, quiet, console)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_seed(out_dir, cfg: DemoConfig, quiet: bool, console) -> dict:
-    from transformers.utils import logging as hf_logging
-
+def seed_result(cfg: DemoConfig, done: dict) -> dict:
+    """The results.json entry and the details of one seed, from its finished jobs
+    (``done[(kind, name)]``)."""
     from muscle_fast import metrics
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    log = console.print if console is not None else (lambda *a, **k: None)
-    out = Path(out_dir)
-    (out / "cache").mkdir(parents=True, exist_ok=True)
-    run_dir = out / f"run_seed{cfg.seed}"
-    t0 = time.perf_counter()
-    tok = build_tokenizer()
-
-    log(f"[bold]seed {cfg.seed}: 1. bases[/bold] (v1 hidden {cfg.v1.hidden}, {cfg.v1.steps} "
-        f"steps, all ops; v2 hidden {cfg.v2.hidden}, {cfg.v2.steps} steps, new mix)")
-    v1, v1_path = _base(cfg, tok, "v1", cfg.seed * 100 + 1, out / "cache", quiet, log)
-    v2, v2_path = _base(cfg, tok, "v2", cfg.seed * 100 + 2, out / "cache", quiet, log)
-    t_bases = time.perf_counter() - t0
-
-    test, train_items, val_items = split_items(cfg)
-    labels = np.array([_op(*it) for it in test])
-    train, val = task_rows(tok, train_items), task_rows(tok, val_items)
-    log(f"[bold]seed {cfg.seed}: 2. task adapters[/bold] (LoRA r={cfg.lora_r}, "
-        f"{len(train)} train / {len(val)} val items, best validation loss)")
-    m_old, info_v1 = train_task_adapter(cfg, v1, train, val, cfg.seed * 100 + 11, quiet,
-                                        "task adapter on v1")
-    m_old.save_pretrained(run_dir / "adapter_v1")
-    m_new, info_v2 = train_task_adapter(cfg, v2, train, val, cfg.seed * 100 + 12, quiet,
-                                        "task adapter on v2")
-    m_new.save_pretrained(run_dir / "adapter_v2")
-    correct = {"v1": predict(m_old, tok, test) == labels, "v2": predict(m_new, tok, test) == labels}
-    del m_old, m_new, v1, v2
-
-    paths = {"v1": v1_path, "v2": v2_path, "adapter_v1": run_dir / "adapter_v1",
-             "adapter_v2": run_dir / "adapter_v2"}
-    log(f"[bold]seed {cfg.seed}: 3. compatibility rows[/bold] ({cfg.compat_steps} steps each, "
-        f"lr {cfg.compat_lr}, T={cfg.temperature})")
-    train_log, val_loss = {}, {}
-    for row in cfg.rows:
-        model, train_log[row], val_loss[row] = train_compat_row(cfg, row, paths, tok, train, val,
-                                                                quiet)
-        model.save_pretrained(run_dir / f"compat_{row}")
-        correct[row] = predict(model.student, tok, test) == labels
-        del model
-
+    correct = {"v1": done["adapter", "v1"]["correct"], "v2": done["adapter", "v2"]["correct"]}
+    correct |= {row: done["compat", row]["correct"] for row in cfg.rows}
     o = correct["v1"]
     models = {"v1": {"acc": float(o.mean())},
-              "v2": {**_rates(o, correct["v2"]), "n_negative_flips": int(np.sum(o & ~correct["v2"]))}}
+              "v2": {**_rates(o, correct["v2"]),
+                     "n_negative_flips": int(np.sum(o & ~correct["v2"]))}}
     for row in cfg.rows:
         d = metrics.compat_deltas(o.astype(float), correct["v2"].astype(float),
                                   correct[row].astype(float))
         models[row] = {**_rates(o, correct[row]), "d_nfr_c": d.dnfr_c,
                        "d_pct_nfr_c": d.dpct_nfr_c, "dacc_c": d.dacc_c}
-    per_op = {op: {n: float(np.mean([c[k] for k in range(len(test)) if test[k][0] == op]))
-                   for n, c in correct.items()} for op in OPS}
-    flips = {row: int(np.sum(o & ~c)) for row, c in correct.items() if row != "v1"}
-    grids = {row: [[int(np.sum(o & c)), int(np.sum(o & ~c))],
-                   [int(np.sum(~o & c)), int(np.sum(~o & ~c))]]
-             for row, c in correct.items() if row != "v1"}
+    test, train, val = split_items(cfg)
+    ops = np.array([it[0] for it in test])
+    per_op = {op: {n: float(c[ops == op].mean()) for n, c in correct.items()} for op in OPS}
+    jobs = {f"{k}_{n}": {"seconds": j["seconds"], "cpu_s": j["cpu_s"]} for (k, n), j in done.items()}
     details = {
         "seed": cfg.seed,
-        "config": _config_dict(cfg),
+        "config": json.loads(json.dumps(asdict(cfg), default=list)),
         "n_train": len(train), "n_val": len(val), "n_test": len(test),
-        "task_adapters": {"v1": info_v1, "v2": info_v2},
-        "val_loss_after_compat": val_loss,
-        "n_negative_flips": flips, "flip_grids": grids, "per_op_acc": per_op,
-        "train_log": train_log,
-        "seconds": {"bases": round(t_bases, 1), "total": round(time.perf_counter() - t0, 1)},
+        "bases_cached": {n: done["base", n]["cached"] for n in ("v1", "v2")},
+        "task_adapters": {n: done["adapter", n]["info"] for n in ("v1", "v2")},
+        "val_loss_after_compat": {row: done["compat", row]["val_loss"] for row in cfg.rows},
+        "n_negative_flips": {n: int(np.sum(o & ~c)) for n, c in correct.items() if n != "v1"},
+        "flip_grids": {n: [[int(np.sum(o & c)), int(np.sum(o & ~c))],
+                           [int(np.sum(~o & c)), int(np.sum(~o & ~c))]]
+                       for n, c in correct.items() if n != "v1"},
+        "per_op_acc": per_op,
+        "train_log": {row: done["compat", row]["train_log"] for row in cfg.rows},
+        "jobs": jobs, "cpu_s": round(sum(j["cpu_s"] for j in jobs.values()), 1),
     }
     return {"result": {"seed": cfg.seed, "n_test": len(test), "models": models},
             "details": details}
 
 
-def _config_dict(cfg: DemoConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg), default=list))
-
-
 # ---------------------------------------------------------------- several seeds
-
-
-def _seed_worker(out_dir: str, cfg: DemoConfig) -> dict:
-    return run_seed(out_dir, cfg, quiet=True, console=None)
 
 
 def summarize(seed_results: list[dict]) -> dict:
@@ -463,7 +469,7 @@ def summarize(seed_results: list[dict]) -> dict:
             m, v2 = r["models"]["muscle"], r["models"]["v2"]
             c = r["models"].get("ce_control")
             target.append({"seed": r["seed"], "d_pct_nfr_c_le_-15pct": m["d_pct_nfr_c"] <= -0.15,
-                           "acc_c_ge_acc_v2_-1pt": m["acc"] >= v2["acc"] - 0.01,
+                           "acc_c_ge_acc_v2_-1pt": m["acc"] >= v2["acc"] - 0.01 - 1e-12,
                            "beats_ce_control": None if c is None else m["nfr"] < c["nfr"]})
         mean_pct = rows["muscle"]["d_pct_nfr_c"]["mean"]
         out["target"] = {"per_seed": target,
@@ -477,50 +483,69 @@ def summarize(seed_results: list[dict]) -> dict:
 def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet: bool = False,
              console=None, quick: bool = False, jobs: int | None = None,
              cfg: DemoConfig | None = None) -> dict:
-    """Run the demo for every seed (``jobs`` processes at a time; default: one per core); write
-    ``results.json``, ``details.json`` and ``flips.png`` in ``out_dir``; return the results dict
-    (rates as fractions). ``cfg`` (its seed is replaced) overrides the default configuration."""
+    """Run the demo for every seed; write ``results.json``, ``details.json`` and ``flips.png``
+    in ``out_dir``; return the results dict (rates as fractions). The work runs in three phases
+    (bases, task adapters, compatibility rows), each phase's units over all seeds in ``jobs``
+    processes (default: one per CPU core). ``cfg`` (its seed replaced) overrides the default
+    configuration."""
     from rich.console import Console
 
     console = console or Console(quiet=quiet)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "cache").mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
-    cfgs = [replace(cfg, seed=s) if cfg is not None
-            else DemoConfig.quick(s) if quick else DemoConfig(seed=s) for s in seeds]
-    jobs = max(1, min(len(seeds), jobs or os.cpu_count() or 1))
+    cfgs = {s: replace(cfg, seed=s) if cfg is not None
+            else DemoConfig.quick(s) if quick else DemoConfig(seed=s) for s in seeds}
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    c0 = next(iter(cfgs.values()))
+    console.print(f"[bold]MUSCLE demo[/bold], seeds {seeds}, {jobs} process(es); v1: hidden "
+                  f"{c0.v1.hidden}, {c0.v1.steps} pre-training steps, all ops; v2: hidden "
+                  f"{c0.v2.hidden}, {c0.v2.steps} steps, corpus mix "
+                  + ", ".join(f"{o} {w:g}" for o, w in c0.v2.mix) + f"; task: {c0.n_pool} items "
+                  f"(train {1 - c0.val_frac:.0%} / val {c0.val_frac:.0%}), {c0.n_test} held-out")
     t0 = time.perf_counter()
-    done = {}
-    if jobs == 1:
-        for c in cfgs:
-            done[c.seed] = run_seed(out, c, quiet=quiet, console=console)
-            _render_seed(done[c.seed]["result"], console)
-    else:
+    done: dict = {}
+    phases = (("base", ("v2", "v1"), "1. pre-trained bases (cached in the output directory)"),
+              ("adapter", ("v2", "v1"), "2. task adapters (kept at their best validation loss)"),
+              ("compat", c0.rows, (f"3. compatibility rows, from the v2 task adapter "
+                                  f"({c0.compat_steps} steps each, lr {c0.compat_lr})")))
+    pool = None
+    if jobs > 1:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import ProcessPoolExecutor
 
-        console.print(f"running seeds {seeds} in {jobs} processes (bases cached in {out / 'cache'})")
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futs = {pool.submit(_seed_worker, str(out), c): c.seed for c in cfgs}
-            for f in as_completed(futs):
-                done[futs[f]] = f.result()
-                console.print(f"  seed {futs[f]} done ({time.perf_counter() - t0:.0f} s)")
-        for s in seeds:
-            _render_seed(done[s]["result"], console)
-    results = [done[s]["result"] for s in seeds]
+        pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    try:
+        for kind, names, title in phases:
+            units = [_Job(out, cfgs[s], kind, n, quiet or pool is not None)
+                     for n in names for s in seeds]
+            results = list(pool.map(_call, units)) if pool else [u() for u in units]
+            for u, r in zip(units, results):
+                done[u.cfg.seed, kind, u.name] = r
+            console.print(f"  {title}: done ({time.perf_counter() - t0:.0f} s)")
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    per_seed = {s: seed_result(cfgs[s], {k[1:]: v for k, v in done.items() if k[0] == s})
+                for s in seeds}
+    for s in seeds:
+        _render_seed(per_seed[s]["result"], console)
+    results = [per_seed[s]["result"] for s in seeds]
+    details = [per_seed[s]["details"] for s in seeds]
     summary = summarize(results)
     wall = round(time.perf_counter() - t0, 1)
     result = {"seeds": results, "summary": summary, "wall_s": wall}
     from muscle_fast import flips as _flips
 
-    _flips.write_json(result, out / "results.json")
-    _flips.write_json({"seeds": [done[s]["details"] for s in seeds]}, out / "details.json")
     from .demo_plot import plot_demo
 
-    plot_demo(results, [done[s]["details"] for s in seeds], out / "flips.png")
+    _flips.write_json(result, out / "results.json")
+    _flips.write_json({"seeds": details, "cpu_s": round(sum(d["cpu_s"] for d in details), 1)},
+                      out / "details.json")
+    plot_demo(results, details, out / "flips.png")
     _render_summary(summary, console)
     console.print(f"results: {out / 'results.json'}  details: {out / 'details.json'}  "
-                  f"plot: {out / 'flips.png'}  wall time: {wall:.0f} s")
+                  f"plot: {out / 'flips.png'}  wall time: {wall:.0f} s", highlight=False)
     return result
 
 
