@@ -86,7 +86,7 @@ class DemoConfig:
     v2: BaseSpec = V2
     pre_batch: int = 128
     pre_lr: float = 1e-3
-    n_pool: int = 1200  # task training pool, split train/val
+    n_pool: int = 600  # task training pool, split train/val
     val_frac: float = 0.2
     n_test: int = 3000
     lora_r: int = 8
@@ -637,7 +637,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                         f"{','.join(map(str, DEFAULT_SEEDS))})")
     parser.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="seeds run in parallel processes (default: one per CPU core)")
+                        help="processes that run the work of all seeds in parallel (default: one per "
+                        "CPU core)")
     parser.add_argument("--quick", action="store_true", help="a tiny run, for tests")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     return parser
