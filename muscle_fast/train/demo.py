@@ -5,17 +5,18 @@
    v2 has its own initialisation, a new corpus mix (twice as rich in the arithmetic ops ``add``
    and ``add2``, and without two ops v1 saw, ``max`` and ``min``) and more pre-training compute
    (1200 vs 450 steps). Bases are cached in the output directory.
-2. A downstream task in a format the bases never saw (``Q op a b c A r``), over all six ops. Its
-   training pool is split 0.8/0.2 into train and validation; a LoRA task adapter is trained on
-   each base on the train split and kept at its best validation loss (as the paper does).
+2. A downstream task in a format the bases never saw (``Q op a b c A r``), over all six ops; a
+   LoRA task adapter is trained on each base on the train split and kept at its best
+   validation loss (as the paper does).
 3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out test items
    disjoint from train and validation: accuracy, negative and positive flips.
 4. Compatibility adapters, each a trainable copy of the v2 task adapter on v2, are trained with
    ``fused_compat_loss`` on the train split, one per row: ``muscle``, ``old_correct``, plain KD
    (``all_old``), and the CE control (the same loop with ``kl_weight=0, ce_weight=1``: the v2
    task adapter trained further with cross-entropy only; same steps, lr, batches).
-5. Several seeds in one command (one process per seed, in parallel); a table per seed, a
-   summary over seeds, ``results.json``, ``details.json`` and ``flips.png``.
+5. Several seeds in one command: three phases (bases, task adapters, compatibility rows), each
+   phase's units over all seeds in parallel processes; a table per seed, a summary over seeds,
+   ``results.json``, ``details.json`` and ``flips.png``.
 """
 from __future__ import annotations
 
