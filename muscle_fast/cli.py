@@ -123,14 +123,15 @@ def _add_flips(sub) -> None:
 
 
 _DEMO_HELP = """\
-The end-to-end MUSCLE update on this machine's CPU, from scratch, in a few minutes:
-two tiny Llama-architecture bases (v1, and a better-trained v2 sharing its tokenizer) are
-pre-trained on a synthetic corpus; LoRA task adapters are trained on each for a task with an
-exact answer; the old and new task models are evaluated (accuracy, negative flips); then a
-compatibility adapter (a trainable copy of the new task adapter on the new base) is trained with
-fused_compat_loss against both frozen teachers, for mask="muscle", "old_correct" and plain KD
-("all_old"). Prints the paper's Table-4 row per mask and writes results.json and flips.png to
---out. Bases are cached in --out, so a second run is faster.
+The end-to-end MUSCLE update on this machine's CPU, from scratch, in a few minutes: for each
+seed, two tiny Llama-architecture bases sharing one tokenizer are pre-trained on a synthetic
+corpus of digit operations (v2 = a new pre-training run: its own init, a corpus mix richer in
+arithmetic and without two ops v1 saw, more steps); a LoRA task adapter is trained on each base
+(train split, kept at its best validation loss); the old and new task models are evaluated on
+3000 held-out items (accuracy, negative flips); then compatibility adapters, trainable copies of
+the new task adapter, are trained with fused_compat_loss for mask="muscle", "old_correct", plain
+KD ("all_old") and a CE-only control. Prints a table per seed and a summary over seeds, writes
+results.json, details.json and flips.png to --out. Bases are cached in --out.
 """
 
 

@@ -1,4 +1,4 @@
-"""The demo's quick mode, end to end: pre-training, task adapters, CompatTrainer per mask, report."""
+"""The demo: its update, its splits, the results.json layout (quick mode, end to end)."""
 import argparse
 import json
 import math
@@ -8,48 +8,130 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from muscle_fast.train.demo import OPS, DemoConfig, _op, add_demo_arguments, demo_main
-
+from muscle_fast.train.demo import (
+    COMPAT_ROWS,
+    DEFAULT_SEEDS,
+    OPS,
+    DemoConfig,
+    _op,
+    _seed_list,
+    add_demo_arguments,
+    demo_main,
+    split_items,
+    summarize,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+DELTA_KEYS = {"acc", "nfr", "pfr", "d_nfr_c", "d_pct_nfr_c", "dacc_c"}
 
 
 def test_demo_task_and_update():
     assert [_op(o, 7, 5, 9) for o in OPS] == [7, 9, 9, 5, 1, 2]  # add: 21 % 10, add2: 12 % 10
     cfg = DemoConfig()
-    # the controlled update: same architecture and tokenizer, v2 pre-trained longer
-    assert cfg.v2_steps > cfg.v1_steps
+    # a real update: a new pre-training run on another mix (without ops v1 saw), longer
+    assert cfg.v2.steps > cfg.v1.steps
+    mix1, mix2 = dict(cfg.v1.mix), dict(cfg.v2.mix)
+    assert all(mix1[o] > 0 for o in OPS)
+    assert [o for o in OPS if mix2[o] == 0] == ["max", "min"]
+    assert mix2 != mix1
+
+
+def test_demo_splits_are_disjoint():
+    cfg = DemoConfig(seed=4)
+    test, train, val = split_items(cfg)
+    assert len(test) == cfg.n_test >= 3000
+    assert len(val) == round(cfg.val_frac * cfg.n_pool) and len(train) + len(val) == cfg.n_pool
+    assert not (set(test) & set(train)) and not (set(test) & set(val))
+    assert not (set(train) & set(val)) and len(set(test)) == len(test)
+    assert split_items(DemoConfig(seed=4)) == (test, train, val)  # the seed decides
+
+
+def test_seed_list():
+    assert _seed_list("0,1,2") == [0, 1, 2]
+    assert _seed_list("0-4") == [0, 1, 2, 3, 4]
+    assert _seed_list("7") == [7]
+    args = add_demo_arguments(argparse.ArgumentParser()).parse_args([])
+    assert args.seeds == list(DEFAULT_SEEDS) and args.out == "muscle_demo"
+
+
+def test_summarize():
+    def seed(s, nfr_m, nfr_ce):
+        models = {"v1": {"acc": 0.5}, "v2": {"acc": 0.6, "nfr": 0.1, "pfr": 0.2,
+                                            "n_negative_flips": 10}}
+        for row, nfr in (("muscle", nfr_m), ("ce_control", nfr_ce)):
+            models[row] = {"acc": 0.6, "nfr": nfr, "pfr": 0.2, "d_nfr_c": nfr - 0.1,
+                           "d_pct_nfr_c": (nfr - 0.1) / 0.1, "dacc_c": 0.0}
+        return {"seed": s, "n_test": 100, "models": models}
+
+    s = summarize([seed(0, 0.05, 0.09), seed(1, 0.08, 0.07)])
+    e = s["rows"]["muscle"]["d_pct_nfr_c"]
+    assert math.isclose(e["mean"], -0.35) and math.isclose(e["min"], -0.5)
+    assert math.isclose(e["max"], -0.2)
+    assert s["target"]["mean_d_pct_nfr_c_le_-30pct"] is True
+    assert [p["beats_ce_control"] for p in s["target"]["per_seed"]] == [True, False]
+    assert s["target"]["met"] is False
 
 
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     args = add_demo_arguments(argparse.ArgumentParser()).parse_args(
-        ["--quick", "--quiet", "--out", str(out), "--seed", "3"])
+        ["--quick", "--quiet", "--out", str(out), "--seeds", "3", "--jobs", "1"])
     assert demo_main(args) == 0
 
     r = json.loads((out / "results.json").read_text())
+    assert set(r) == {"seeds", "summary", "wall_s"}
     png = (out / "flips.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    assert r["config"]["seed"] == 3
-    assert set(r["compat"]) == set(DemoConfig.masks)
-    n = r["flip_report_muscle"]["n"]
+    (entry,) = r["seeds"]
+    assert set(entry) == {"seed", "n_test", "models"} and entry["seed"] == 3
+    n = entry["n_test"]
     assert n == DemoConfig.quick().n_test
-    for key in ("acc_v1", "acc_v2", "nfr", "pfr"):
-        assert 0 <= r[key] <= 1
-        assert abs(r[key] * n - round(r[key] * n)) < 1e-6  # a count over the test items
-    # acc_v2 - acc_v1 = PFR - NFR, whatever the models learned
-    assert math.isclose(r["acc_v2"] - r["acc_v1"], r["pfr"] - r["nfr"], abs_tol=1e-9)
-    for mask, row in r["compat"].items():
-        assert math.isclose(row["dacc_c"], row["acc_c"] - r["acc_v2"], abs_tol=1e-9), mask
-        assert math.isclose(row["dnfr_c"], row["nfr_c"] - r["nfr"], abs_tol=1e-9), mask
-        log = r["train_log"][mask]
+    m = entry["models"]
+    assert list(m) == ["v1", "v2", *COMPAT_ROWS]
+    assert set(m["v1"]) == {"acc"}
+    assert set(m["v2"]) == {"acc", "nfr", "pfr", "n_negative_flips"}
+    v1, v2 = m["v1"]["acc"], m["v2"]["acc"]
+    assert m["v2"]["n_negative_flips"] == round(m["v2"]["nfr"] * n)
+    assert math.isclose(v2 - v1, m["v2"]["pfr"] - m["v2"]["nfr"], abs_tol=1e-9)
+    for row in COMPAT_ROWS:
+        e = m[row]
+        assert set(e) == DELTA_KEYS, row
+        for key in ("acc", "nfr", "pfr"):
+            assert 0 <= e[key] <= 1 and abs(e[key] * n - round(e[key] * n)) < 1e-6
+        assert math.isclose(e["acc"] - v1, e["pfr"] - e["nfr"], abs_tol=1e-9), row
+        assert math.isclose(e["dacc_c"], e["acc"] - v2, abs_tol=1e-9), row
+        assert math.isclose(e["d_nfr_c"], e["nfr"] - m["v2"]["nfr"], abs_tol=1e-9), row
+    assert r["summary"]["seeds"] == [3]
+    assert r["summary"]["rows"]["muscle"]["dacc_c"]["min"] == m["muscle"]["dacc_c"]
+
+    d = json.loads((out / "details.json").read_text())["seeds"][0]
+    for name in ("v1", "v2"):  # kept at the best validation loss seen
+        info = d["task_adapters"][name]
+        assert info["best_val_loss"] == min(v for _, v in info["val_curve"])
+    assert d["n_train"] + d["n_val"] == DemoConfig.quick().n_pool
+    for row in COMPAT_ROWS:
+        log = d["train_log"][row]
         assert log and all(math.isfinite(h["loss"]) for h in log)
-        if mask == "all_old":
-            assert all(h["compat/frac_to_old"] == 1.0 for h in log)
-    assert set(r["per_op_acc"]) == set(OPS)
-    assert r["flip_report_muscle"]["acc_c"] == r["compat"]["muscle"]["acc_c"]
-    # the compatibility adapters are saved as plain peft adapters; bases are cached
+    assert all(h["frac_to_old"] == 1.0 for h in d["train_log"]["all_old"])
+    assert all(h["ce"] == pytest.approx(h["loss"], rel=1e-5) for h in d["train_log"]["ce_control"])
     run = out / "run_seed3"
-    for mask in DemoConfig.masks:
-        assert (run / f"compat_{mask}" / "adapter_model.safetensors").exists()
+    for row in COMPAT_ROWS:  # plain peft adapters
+        assert (run / f"compat_{row}" / "adapter_model.safetensors").exists()
     assert len(list((out / "cache").glob("base_v*"))) == 2
+
+
+@pytest.mark.slow
+def test_demo_two_seeds_parallel_reuses_bases(tmp_path):
+    out = tmp_path / "demo"
+    argv = ["--quick", "--quiet", "--out", str(out), "--seeds", "0,1", "--jobs", "2"]
+    parse = add_demo_arguments(argparse.ArgumentParser()).parse_args
+    assert demo_main(parse(argv)) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert [s["seed"] for s in first["seeds"]] == [0, 1]
+    bases = sorted(p.name for p in (out / "cache").glob("base_v*"))
+    assert len(bases) == 4
+    assert demo_main(parse(argv)) == 0  # cached bases: the same numbers again
+    second = json.loads((out / "results.json").read_text())
+    assert second["seeds"] == first["seeds"]
+    assert sorted(p.name for p in (out / "cache").glob("base_v*")) == bases

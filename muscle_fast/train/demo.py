@@ -1,16 +1,22 @@
-"""``muscle-fast demo``: a controlled model update on real transformers + peft parts, end to end.
+"""``muscle-fast demo``: a real model update on tiny transformers + peft models, end to end.
 
 1. Two tiny Llama bases with one shared tokenizer, pre-trained here on a synthetic corpus of
-   digit operations (``op a b c = r``); v2 is the genuine upgrade: the same pre-training run
-   continued longer (450 -> 600 steps), which is where ``add2`` = (a+b) mod 10 is learned
-   (bases cached in the output directory after the first run).
-2. A downstream task with an exact answer, in a format the bases never saw
-   (``Q op a b c A r``); a LoRA task adapter is trained on each base on the same training items.
-3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out items:
-   accuracy, negative flips.
-4. The compatibility adapter (a copy of the v2 task adapter on v2) is trained with CompatTrainer
-   and ``fused_compat_loss`` for each mask (``muscle``, ``old_correct``, plain KD ``all_old``),
-   and evaluated: the paper's Table-4 columns, a flips plot and a results JSON.
+   digit operations (``op a b c = r``). The update is a new pre-training run, not v1 continued:
+   v2 has its own initialisation, a new corpus mix (twice as rich in the arithmetic ops ``add``
+   and ``add2``, and without two ops v1 saw, ``max`` and ``min``) and more pre-training compute
+   (1200 vs 450 steps). Bases are cached in the output directory.
+2. A downstream task in a format the bases never saw (``Q op a b c A r``), over all six ops; a
+   LoRA task adapter is trained on each base on the train split and kept at its best
+   validation loss (as the paper does).
+3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out test items
+   disjoint from train and validation: accuracy, negative and positive flips.
+4. Compatibility adapters, each a trainable copy of the v2 task adapter on v2, are trained with
+   ``fused_compat_loss`` on the train split, one per row: ``muscle``, ``old_correct``, plain KD
+   (``all_old``), and the CE control (the same loop with ``kl_weight=0, ce_weight=1``: the v2
+   task adapter trained further with cross-entropy only; same steps, lr, batches).
+5. Several seeds in one command: three phases (bases, task adapters, compatibility rows), each
+   phase's units over all seeds in parallel processes; a table per seed, a summary over seeds,
+   ``results.json``, ``details.json`` and ``flips.png``.
 """
 from __future__ import annotations
 
@@ -18,9 +24,10 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,12 @@ import torch
 OPS = ("first", "last", "max", "min", "add", "add2")
 DIGITS = tuple(str(d) for d in range(10))
 SPECIAL = ("<pad>", "<bos>", "<eos>", "=", "Q", "A")
+# the rows of the table, in order; the compatibility rows are trained from the v2 task adapter
+COMPAT_ROWS = ("muscle", "old_correct", "all_old", "ce_control")
+ROW_NAMES = {"v1": "v1 (old task model)", "v2": "v2 (new task model)",
+             "muscle": "MUSCLE (mask=muscle)", "old_correct": "mask=old_correct",
+             "all_old": "plain KD (all_old)", "ce_control": "CE control"}
+DEFAULT_SEEDS = (5, 6, 7)  # fixed before any MUSCLE number of this design was seen (DEMO_RESULTS.md)
 
 
 def _op(op: str, a: int, b: int, c: int) -> int:
@@ -42,47 +55,59 @@ def _op(op: str, a: int, b: int, c: int) -> int:
         return min(a, b, c)
     if op == "add":
         return (a + b + c) % 10
-    if op == "add2":  # ignores c: a 100-entry table, learned late in pre-training
+    if op == "add2":  # ignores c: a 100-entry table
         return (a + b) % 10
-    if op == "sub":
-        return (a - b + c) % 10
     raise ValueError(op)
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """One pre-trained base: its size, its pre-training steps and its corpus mix (op weights)."""
+
+    hidden: int
+    intermediate: int
+    steps: int
+    mix: tuple  # ((op, weight), ...); ops with weight 0 never occur in the corpus
+    layers: int = 2
+    heads: int = 4
+
+
+V1 = BaseSpec(hidden=64, intermediate=192, steps=450, mix=tuple((o, 1.0) for o in OPS))
+V2 = BaseSpec(hidden=64, intermediate=192, steps=1200,
+              mix=(("first", 1.0), ("last", 1.0), ("max", 0.0), ("min", 0.0), ("add", 2.0),
+                   ("add2", 2.0)))
 
 
 @dataclass
 class DemoConfig:
-    """Everything that decides the demo's numbers (seeds included)."""
+    """Everything that decides one seed's numbers."""
 
     seed: int = 0
-    hidden: int = 64
-    layers: int = 2
-    heads: int = 4
-    intermediate: int = 192
+    v1: BaseSpec = V1
+    v2: BaseSpec = V2
     pre_batch: int = 128
     pre_lr: float = 1e-3
-    # the update: v2 is the same pre-training run as v1, continued from 450 to 600 steps (a later
-    # checkpoint); on this corpus those extra steps are where `add2` and then `add` are learned.
-    # v2_from_v1=False trains v2 from its own init (measured worse: DEMO_RESULTS.md)
-    v1_steps: int = 450
-    v2_steps: int = 600
-    v2_from_v1: bool = True
-    n_task_train: int = 1500
-    n_test: int = 1500
+    n_pool: int = 600  # task training pool, split train/val
+    val_frac: float = 0.2
+    n_test: int = 3000
     lora_r: int = 8
-    task_steps: int = 200
     task_batch: int = 64
-    task_lr: float = 3e-3
-    compat_steps: int = 200
+    task_lr: float = 2e-3
+    task_max_steps: int = 1500
+    task_eval_every: int = 25
+    task_patience: int = 6  # evaluations without a new best validation loss before stopping
+    compat_steps: int = 100
     compat_batch: int = 64
     compat_lr: float = 2e-3
     temperature: float = 2.0
-    masks: Sequence[str] = ("muscle", "old_correct", "all_old")
+    rows: Sequence[str] = COMPAT_ROWS
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
-        return cls(seed=seed, hidden=32, intermediate=64, v1_steps=60, v2_steps=120,
-                   n_task_train=256, n_test=256, task_steps=30, compat_steps=12, task_batch=32,
-                   compat_batch=32)
+        return cls(seed=seed, v1=replace(V1, hidden=32, intermediate=64, steps=60),
+                   v2=replace(V2, hidden=32, intermediate=64, steps=80), n_pool=320, n_test=256,
+                   task_max_steps=40, task_eval_every=10, task_patience=2, compat_steps=8,
+                   task_batch=32, compat_batch=32)
 
 
 # ---------------------------------------------------------------- data
@@ -103,7 +128,7 @@ def build_tokenizer():
 
 
 def _items(rng: np.random.Generator, n: int, exclude=frozenset()) -> list[tuple]:
-    """n distinct (op, a, b, c) items not in exclude."""
+    """n distinct (op, a, b, c) task items, ops uniform, none in exclude."""
     out, seen = [], set(exclude)
     while len(out) < n:
         it = (OPS[rng.integers(len(OPS))], *map(int, rng.integers(0, 10, 3)))
@@ -111,6 +136,15 @@ def _items(rng: np.random.Generator, n: int, exclude=frozenset()) -> list[tuple]
             seen.add(it)
             out.append(it)
     return out
+
+
+def split_items(cfg: DemoConfig) -> tuple[list, list, list]:
+    """(test, train, val): disjoint; train/val is the pool split (1 - val_frac) / val_frac."""
+    rng = np.random.default_rng(cfg.seed)
+    test = _items(rng, cfg.n_test)
+    pool = _items(rng, cfg.n_pool, exclude=frozenset(test))
+    n_val = round(cfg.val_frac * cfg.n_pool)
+    return test, pool[n_val:], pool[:n_val]
 
 
 def _encode(tok, texts: list[str]) -> torch.Tensor:
@@ -143,14 +177,14 @@ def _collate(rows):
 # ---------------------------------------------------------------- models
 
 
-def _tiny_llama(cfg: DemoConfig, vocab: int, seed: int):
+def _tiny_llama(spec: BaseSpec, vocab: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.hidden, intermediate_size=cfg.intermediate,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads,
-        num_key_value_heads=cfg.heads, max_position_embeddings=16, tie_word_embeddings=False,
+        vocab_size=vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads, max_position_embeddings=16, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0))
 
 
@@ -160,47 +194,21 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
 
 
-def pretrain_base(cfg: DemoConfig, tok, steps: int, seed: int, quiet: bool,
-                  snapshots: dict | None = None):
-    """Causal-LM pre-training on the synthetic corpus (all ops, uniform mix); ``snapshots``
-    maps a step count to a directory where the model (and tokenizer) is saved after that step."""
-    model = _tiny_llama(cfg, len(tok), seed)
+def pretrain_base(spec: BaseSpec, cfg: DemoConfig, tok, seed: int, quiet: bool):
+    """Causal-LM pre-training on the synthetic corpus, ops drawn with the spec's mix."""
+    model = _tiny_llama(spec, len(tok), seed)
     model.train()
     rng = np.random.default_rng(seed)
+    ops = [o for o, w in spec.mix if w > 0]
+    p = np.array([w for _, w in spec.mix if w > 0], dtype=float)
+    p /= p.sum()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pre_lr, weight_decay=0.01)
-    bar = _progress(steps, f"pre-train base ({steps} steps)", quiet)
-    for step in range(1, steps + 1):
-        batch = [(OPS[rng.integers(len(OPS))], *map(int, rng.integers(0, 10, 3)))
+    bar = _progress(spec.steps, f"pre-train base ({spec.steps} steps)", quiet)
+    for _ in range(spec.steps):
+        batch = [(ops[rng.choice(len(ops), p=p)], *map(int, rng.integers(0, 10, 3)))
                  for _ in range(cfg.pre_batch)]
         ids = _encode(tok, [_pretrain_text(it) for it in batch])
         loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
-        bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
-        if snapshots and step in snapshots:
-            model.save_pretrained(snapshots[step])
-            tok.save_pretrained(snapshots[step])
-    bar.close()
-    return model.eval()
-
-
-def train_task_adapter(cfg: DemoConfig, base, rows, seed: int, quiet: bool, desc: str):
-    """A LoRA task adapter trained with cross-entropy on the answer token."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = get_peft_model(base, LoraConfig(
-        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                        "down_proj"]))
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.task_lr)
-    g = torch.Generator().manual_seed(seed)
-    bar = _progress(cfg.task_steps, desc, quiet)
-    for _ in range(cfg.task_steps):
-        idx = torch.randint(len(rows), (cfg.task_batch,), generator=g).tolist()
-        batch = _collate([rows[i] for i in idx])
-        loss = model(**batch).loss
         loss.backward()
         opt.step(), opt.zero_grad(set_to_none=True)
         bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -209,7 +217,60 @@ def train_task_adapter(cfg: DemoConfig, base, rows, seed: int, quiet: bool, desc
 
 
 @torch.no_grad()
-def predict(model, tok, items, batch: int = 512) -> np.ndarray:
+def _val_loss(model, val_batch: dict) -> float:
+    was = model.training
+    model.eval()
+    loss = float(model(**val_batch).loss)
+    model.train(was)
+    return loss
+
+
+def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool, desc: str):
+    """A LoRA task adapter trained with cross-entropy on the answer token, evaluated on the
+    validation split every ``task_eval_every`` steps and returned at its best validation loss
+    (early stopping after ``task_patience`` evaluations without a new best).
+
+    Returns ``(model, info)``, info = best step, best validation loss, steps run, the curve."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraConfig(
+        r=cfg.lora_r, lora_alpha=2 * cfg.lora_r, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"]))
+    model.train()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=cfg.task_lr)
+    g = torch.Generator().manual_seed(seed)
+    val_batch = _collate(val)
+    best = (_val_loss(model, val_batch), 0, {n: p.detach().clone() for n, p in params.items()})
+    curve, since_best, step = [(0, best[0])], 0, 0
+    bar = _progress(cfg.task_max_steps, desc, quiet)
+    while step < cfg.task_max_steps and since_best < cfg.task_patience:
+        idx = torch.randint(len(train), (cfg.task_batch,), generator=g).tolist()
+        loss = model(**_collate([train[i] for i in idx])).loss
+        loss.backward()
+        opt.step(), opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % cfg.task_eval_every == 0:
+            v = _val_loss(model, val_batch)
+            curve.append((step, v))
+            if v < best[0]:
+                best, since_best = (v, step, {n: p.detach().clone() for n, p in params.items()}), 0
+            else:
+                since_best += 1
+    bar.close()
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(best[2][n])
+    info = {"best_step": best[1], "best_val_loss": best[0], "steps_run": step,
+            "stopped_early": since_best >= cfg.task_patience, "val_curve": curve}
+    return model.eval(), info
+
+
+@torch.no_grad()
+def predict(model, tok, items, batch: int = 1024) -> np.ndarray:
     """The task answer: argmax over the ten digit tokens at the answer position."""
     digit_ids = torch.tensor(tok.convert_tokens_to_ids(list(DIGITS)))
     was = model.training
@@ -223,238 +284,371 @@ def predict(model, tok, items, batch: int = 512) -> np.ndarray:
     return torch.cat(preds).numpy()
 
 
-# ---------------------------------------------------------------- the run
-
-
-def _cache_key(cfg: DemoConfig, steps: int, seed: int) -> str:
-    keys = ("hidden", "layers", "heads", "intermediate", "pre_batch", "pre_lr")
-    blob = json.dumps({k: getattr(cfg, k) for k in keys} | {"steps": steps, "seed": seed,
-                                                          "vocab": SPECIAL + DIGITS + OPS})
+def _base_key(spec: BaseSpec, cfg: DemoConfig, seed: int) -> str:
+    blob = json.dumps({"spec": asdict(spec), "pre_batch": cfg.pre_batch, "pre_lr": cfg.pre_lr,
+                       "seed": seed, "vocab": SPECIAL + DIGITS + OPS})
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def _continued_bases(cfg, tok, seed, cache: Path, quiet, log):
-    """v1 and v2 as two checkpoints (v1_steps, v2_steps) of one pre-training run."""
-    from transformers import LlamaForCausalLM
-
-    paths = [cache / f"base_{n}_{_cache_key(cfg, k, seed)}"
-             for n, k in (("v1", cfg.v1_steps), ("v2", cfg.v2_steps))]
-    if all((p / "config.json").exists() for p in paths):
-        log(f"  v1, v2: cached pre-trained bases {paths[0]}, {paths[1]}")
-    else:
-        t = time.perf_counter()
-        pretrain_base(cfg, tok, cfg.v2_steps, seed, quiet,
-                      snapshots={cfg.v1_steps: paths[0], cfg.v2_steps: paths[1]})
-        log(f"  v1, v2: one pre-training run, checkpoints at {cfg.v1_steps} and {cfg.v2_steps} "
-            f"steps, in {time.perf_counter() - t:.1f} s -> {paths[0]}, {paths[1]}")
-    return [(LlamaForCausalLM.from_pretrained(p).eval(), p) for p in paths]
+# ---------------------------------------------------------------- the three phases
 
 
-def _base(cfg, tok, name, steps, seed, cache: Path, quiet, log):
-    from transformers import LlamaForCausalLM
+def _row_args(row: str, cfg: DemoConfig):
+    from muscle_fast.train import CompatArguments
 
-    path = cache / f"base_{name}_{_cache_key(cfg, steps, seed)}"
-    if (path / "config.json").exists():
-        log(f"  {name}: cached pre-trained base {path}")
-        return LlamaForCausalLM.from_pretrained(path).eval(), path
-    t = time.perf_counter()
-    model = pretrain_base(cfg, tok, steps, seed, quiet)
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    log(f"  {name}: pre-trained {steps} steps in {time.perf_counter() - t:.1f} s -> {path}")
-    return model, path
+    if row == "ce_control":  # the same loop and loss call, cross-entropy only
+        return CompatArguments(mask="all_old", temperature=cfg.temperature, kl_weight=0.0,
+                               ce_weight=1.0)
+    return CompatArguments(mask=row, temperature=cfg.temperature)
 
 
-class _Bar:
-    """A tqdm bar for a Trainer run showing the loss and the fraction of tokens sent to old."""
+def train_compat_row(cfg: DemoConfig, row: str, paths: dict, tok, train, val, quiet: bool):
+    """One compatibility adapter (from the v2 task adapter), trained with
+    ``compat_training_step`` on the train split; every row sees the same batches."""
+    from muscle_fast.train import build_compat_model, compat_training_step
 
-    def __new__(cls, desc: str, quiet: bool):
-        from transformers import TrainerCallback
-
-        class Bar(TrainerCallback):
-            def on_train_begin(self, args, state, control, **kw):
-                self.bar = _progress(state.max_steps, desc, quiet)
-
-            def on_step_end(self, args, state, control, **kw):
-                self.bar.update()
-
-            def on_log(self, args, state, control, logs=None, **kw):
-                if logs and "loss" in logs:
-                    self.bar.set_postfix(loss=f"{logs['loss']:.4f}",
-                                         to_old=f"{logs.get('compat/frac_to_old', 0):.2f}")
-
-            def on_train_end(self, args, state, control, **kw):
-                self.bar.close()
-
-        return Bar()
-
-
-def _eval_log(name: str, items, preds: np.ndarray, labels: np.ndarray):
-    from muscle_fast.flips import EvalLog
-
-    keys = list(range(len(items)))
-    return EvalLog(path=f"<demo:{name}>", fmt="jsonl", metric="acc", order=keys,
-                   scores={k: float(preds[k] == labels[k]) for k in keys},
-                   preds={k: int(preds[k]) for k in keys}, pred_note=None,
-                   labels={k: int(labels[k]) for k in keys})
+    model = build_compat_model(str(paths["v2"]), str(paths["adapter_v2"]), str(paths["v1"]),
+                               str(paths["adapter_v1"]), old_tokenizer=tok, new_tokenizer=tok)
+    opt = torch.optim.AdamW(model.compat_parameters(), lr=cfg.compat_lr)
+    args = _row_args(row, cfg)
+    g = torch.Generator().manual_seed(cfg.seed * 100 + 21)
+    log, bar = [], _progress(cfg.compat_steps, f"seed {cfg.seed}: compat adapter {row}", quiet)
+    for step in range(1, cfg.compat_steps + 1):
+        idx = torch.randint(len(train), (cfg.compat_batch,), generator=g).tolist()
+        stats = compat_training_step(model, _collate([train[i] for i in idx]), opt, args)
+        bar.update(), bar.set_postfix(loss=f"{stats['loss']:.4f}",
+                                      to_old=f"{stats['frac_to_old']:.2f}")
+        if step % max(1, cfg.compat_steps // 5) == 0 or step == cfg.compat_steps:
+            log.append({"step": step, **stats})
+    bar.close()
+    val_loss = _val_loss(model.student, _collate(val))
+    return model, log, val_loss
 
 
-def run_demo(out_dir, cfg: DemoConfig | None = None, quiet: bool = False,
-             console=None) -> dict:
-    """Run the whole demo; write ``results.json`` and ``flips.png`` in ``out_dir``; return the
-    results dict (rates as fractions)."""
-    # tiny matmuls gain nothing from intra-op threads, and OpenMP threads stall badly when the
-    # cores are shared (measured here: a pre-training step took 0.05 s on 1 thread, 3 s on 2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _run_demo(out_dir, cfg, quiet, console)
-    finally:
-        torch.set_num_threads(threads)
+class _Job:
+    """One unit of work of one seed (a base, a task adapter, a compatibility row), run in this
+    process or a worker; one thread each: tiny matmuls gain nothing from intra-op threads, and
+    OpenMP threads stall badly on shared cores, so the units run in parallel processes instead."""
+
+    def __init__(self, out: Path, cfg: DemoConfig, kind: str, name: str, quiet: bool):
+        self.out, self.cfg, self.kind, self.name, self.quiet = out, cfg, kind, name, quiet
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / f"run_seed{self.cfg.seed}"
+
+    def base_path(self, name: str) -> Path:
+        spec = getattr(self.cfg, name)
+        return self.out / "cache" / f"base_{name}_{_base_key(spec, self.cfg, self._base_seed(name))}"
+
+    def _base_seed(self, name: str) -> int:
+        return self.cfg.seed * 100 + (1 if name == "v1" else 2)
+
+    def __call__(self) -> dict:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        t, cpu = time.perf_counter(), time.process_time()
+        try:
+            out = getattr(self, f"_{self.kind}")()
+        finally:
+            torch.set_num_threads(threads)
+        return {**out, "seconds": round(time.perf_counter() - t, 1),
+                "cpu_s": round(time.process_time() - cpu, 1)}
+
+    def _base(self) -> dict:
+        path = self.base_path(self.name)
+        if (path / "config.json").exists():
+            return {"path": str(path), "cached": True}
+        tok = build_tokenizer()
+        model = pretrain_base(getattr(self.cfg, self.name), self.cfg, tok,
+                              self._base_seed(self.name), self.quiet)
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        return {"path": str(path), "cached": False}
+
+    def _adapter(self) -> dict:
+        from transformers import LlamaForCausalLM
+
+        tok = build_tokenizer()
+        test, train_items, val_items = split_items(self.cfg)
+        base = LlamaForCausalLM.from_pretrained(self.base_path(self.name)).eval()
+        seed = self.cfg.seed * 100 + (11 if self.name == "v1" else 12)
+        model, info = train_task_adapter(self.cfg, base, task_rows(tok, train_items),
+                                         task_rows(tok, val_items), seed, self.quiet,
+                                         f"seed {self.cfg.seed}: task adapter on {self.name}")
+        model.save_pretrained(self.run_dir / f"adapter_{self.name}")
+        labels = np.array([_op(*it) for it in test])
+        return {"info": info, "correct": predict(model, tok, test) == labels}
+
+    def _compat(self) -> dict:
+        tok = build_tokenizer()
+        test, train_items, val_items = split_items(self.cfg)
+        paths = {"v1": self.base_path("v1"), "v2": self.base_path("v2"),
+                 "adapter_v1": self.run_dir / "adapter_v1",
+                 "adapter_v2": self.run_dir / "adapter_v2"}
+        model, log, val_loss = train_compat_row(self.cfg, self.name, paths, tok,
+                                                task_rows(tok, train_items),
+                                                task_rows(tok, val_items), self.quiet)
+        model.save_pretrained(self.run_dir / f"compat_{self.name}")
+        labels = np.array([_op(*it) for it in test])
+        return {"train_log": log, "val_loss": val_loss,
+                "correct": predict(model.student, tok, test) == labels}
 
 
-def _run_demo(out_dir, cfg, quiet, console) -> dict:
+def _call(job: _Job) -> dict:
+    return job()
+
+
+def _rates(old: np.ndarray, new: np.ndarray) -> dict:
+    return {"acc": float(new.mean()), "nfr": float(np.mean(old & ~new)),
+            "pfr": float(np.mean(~old & new))}
+
+
+def seed_result(cfg: DemoConfig, done: dict) -> dict:
+    """The results.json entry and the details of one seed, from its finished jobs
+    (``done[(kind, name)]``)."""
+    from muscle_fast import metrics
+
+    correct = {"v1": done["adapter", "v1"]["correct"], "v2": done["adapter", "v2"]["correct"]}
+    correct |= {row: done["compat", row]["correct"] for row in cfg.rows}
+    o = correct["v1"]
+    models = {"v1": {"acc": float(o.mean())},
+              "v2": {**_rates(o, correct["v2"]),
+                     "n_negative_flips": int(np.sum(o & ~correct["v2"]))}}
+    for row in cfg.rows:
+        d = metrics.compat_deltas(o.astype(float), correct["v2"].astype(float),
+                                  correct[row].astype(float))
+        models[row] = {**_rates(o, correct[row]), "d_nfr_c": d.dnfr_c,
+                       "d_pct_nfr_c": d.dpct_nfr_c, "dacc_c": d.dacc_c}
+    test, train, val = split_items(cfg)
+    ops = np.array([it[0] for it in test])
+    per_op = {op: {n: float(c[ops == op].mean()) for n, c in correct.items()} for op in OPS}
+    jobs = {f"{k}_{n}": {"seconds": j["seconds"], "cpu_s": j["cpu_s"]} for (k, n), j in done.items()}
+    details = {
+        "seed": cfg.seed,
+        "config": json.loads(json.dumps(asdict(cfg), default=list)),
+        "n_train": len(train), "n_val": len(val), "n_test": len(test),
+        "bases_cached": {n: done["base", n]["cached"] for n in ("v1", "v2")},
+        "task_adapters": {n: done["adapter", n]["info"] for n in ("v1", "v2")},
+        "val_loss_after_compat": {row: done["compat", row]["val_loss"] for row in cfg.rows},
+        "n_negative_flips": {n: int(np.sum(o & ~c)) for n, c in correct.items() if n != "v1"},
+        "flip_grids": {n: [[int(np.sum(o & c)), int(np.sum(o & ~c))],
+                           [int(np.sum(~o & c)), int(np.sum(~o & ~c))]]
+                       for n, c in correct.items() if n != "v1"},
+        "per_op_acc": per_op,
+        "train_log": {row: done["compat", row]["train_log"] for row in cfg.rows},
+        "jobs": jobs, "cpu_s": round(sum(j["cpu_s"] for j in jobs.values()), 1),
+    }
+    return {"result": {"seed": cfg.seed, "n_test": len(test), "models": models},
+            "details": details}
+
+
+# ---------------------------------------------------------------- several seeds
+
+
+def summarize(seed_results: list[dict]) -> dict:
+    """Mean, min and max over seeds of every rate and delta of every row (fractions)."""
+    rows = {}
+    for name in ("v1", "v2", *COMPAT_ROWS):
+        entries = [r["models"][name] for r in seed_results if name in r["models"]]
+        if not entries:
+            continue
+        rows[name] = {}
+        for key in entries[0]:
+            vals = [float(e[key]) for e in entries]
+            finite = [v for v in vals if math.isfinite(v)]
+            rows[name][key] = {"mean": float(np.mean(finite)) if finite else None,
+                               "min": min(vals), "max": max(vals)}
+    out = {"seeds": [r["seed"] for r in seed_results], "rows": rows}
+    if "muscle" in rows:
+        target = []
+        for r in seed_results:
+            m, v2 = r["models"]["muscle"], r["models"]["v2"]
+            c = r["models"].get("ce_control")
+            target.append({"seed": r["seed"], "d_pct_nfr_c_le_-15pct": m["d_pct_nfr_c"] <= -0.15,
+                           "acc_c_ge_acc_v2_-1pt": m["acc"] >= v2["acc"] - 0.01 - 1e-12,
+                           "beats_ce_control": None if c is None else m["nfr"] < c["nfr"]})
+        mean_pct = rows["muscle"]["d_pct_nfr_c"]["mean"]
+        out["target"] = {"per_seed": target,
+                         "mean_d_pct_nfr_c_le_-30pct": mean_pct is not None and mean_pct <= -0.30,
+                         "met": (mean_pct is not None and mean_pct <= -0.30 and all(
+                             t["d_pct_nfr_c_le_-15pct"] and t["acc_c_ge_acc_v2_-1pt"]
+                             and t["beats_ce_control"] is not False for t in target))}
+    return out
+
+
+def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet: bool = False,
+             console=None, quick: bool = False, jobs: int | None = None,
+             cfg: DemoConfig | None = None) -> dict:
+    """Run the demo for every seed; write ``results.json``, ``details.json`` and ``flips.png``
+    in ``out_dir``; return the results dict (rates as fractions). The work runs in three phases
+    (bases, task adapters, compatibility rows), each phase's units over all seeds in ``jobs``
+    processes (default: one per CPU core). ``cfg`` (its seed replaced) overrides the default
+    configuration."""
     from rich.console import Console
-    from transformers import PrinterCallback, TrainingArguments
-    from transformers.utils import logging as hf_logging
 
-    from muscle_fast import flips, metrics
-    from muscle_fast.train import CompatArguments, CompatTrainer, build_compat_model
-
-    cfg = cfg or DemoConfig()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
     console = console or Console(quiet=quiet)
-    log = console.print
     out = Path(out_dir)
     (out / "cache").mkdir(parents=True, exist_ok=True)
+    seeds = list(seeds)
+    cfgs = {s: replace(cfg, seed=s) if cfg is not None
+            else DemoConfig.quick(s) if quick else DemoConfig(seed=s) for s in seeds}
+    jobs = max(1, jobs or os.cpu_count() or 1)
+    c0 = next(iter(cfgs.values()))
+    console.print(f"[bold]MUSCLE demo[/bold], seeds {seeds}, {jobs} process(es); v1: hidden "
+                  f"{c0.v1.hidden}, {c0.v1.steps} pre-training steps, all ops; v2: hidden "
+                  f"{c0.v2.hidden}, {c0.v2.steps} steps, corpus mix "
+                  + ", ".join(f"{o} {w:g}" for o, w in c0.v2.mix) + f"; task: {c0.n_pool} items "
+                  f"(train {1 - c0.val_frac:.0%} / val {c0.val_frac:.0%}), {c0.n_test} held-out")
     t0 = time.perf_counter()
-    tok = build_tokenizer()
+    done: dict = {}
+    phases = (("base", ("v2", "v1"), "1. pre-trained bases (cached in the output directory)"),
+              ("adapter", ("v2", "v1"), "2. task adapters (kept at their best validation loss)"),
+              ("compat", c0.rows, (f"3. compatibility rows, from the v2 task adapter "
+                                  f"({c0.compat_steps} steps each, lr {c0.compat_lr})")))
+    pool = None
+    if jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
 
-    log("[bold]1. pre-training the bases[/bold] (v2 = the upgrade: "
-        f"{cfg.v2_steps} vs {cfg.v1_steps} steps"
-        f"{', one run continued' if cfg.v2_from_v1 else ', own init'})")
-    if cfg.v2_from_v1:
-        (v1, v1_path), (v2, v2_path) = _continued_bases(cfg, tok, cfg.seed * 100 + 1,
-                                                        out / "cache", quiet, log)
-    else:
-        v1, v1_path = _base(cfg, tok, "v1", cfg.v1_steps, cfg.seed * 100 + 1, out / "cache",
-                            quiet, log)
-        v2, v2_path = _base(cfg, tok, "v2", cfg.v2_steps, cfg.seed * 100 + 2, out / "cache",
-                            quiet, log)
+        pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
+    try:
+        for kind, names, title in phases:
+            units = [_Job(out, cfgs[s], kind, n, quiet or pool is not None)
+                     for n in names for s in seeds]
+            results = list(pool.map(_call, units)) if pool else [u() for u in units]
+            for u, r in zip(units, results):
+                done[u.cfg.seed, kind, u.name] = r
+            console.print(f"  {title}: done ({time.perf_counter() - t0:.0f} s)")
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    per_seed = {s: seed_result(cfgs[s], {k[1:]: v for k, v in done.items() if k[0] == s})
+                for s in seeds}
+    for s in seeds:
+        _render_seed(per_seed[s]["result"], console)
+    results = [per_seed[s]["result"] for s in seeds]
+    details = [per_seed[s]["details"] for s in seeds]
+    summary = summarize(results)
+    wall = round(time.perf_counter() - t0, 1)
+    result = {"seeds": results, "summary": summary, "wall_s": wall}
+    from muscle_fast import flips as _flips
 
-    rng = np.random.default_rng(cfg.seed)
-    test_items = _items(rng, cfg.n_test)
-    train_items = _items(rng, cfg.n_task_train, exclude=frozenset(test_items))
-    labels = np.array([_op(*it) for it in test_items])
-    rows = task_rows(tok, train_items)
+    from .demo_plot import plot_demo
 
-    log(f"[bold]2. task adapters[/bold] (LoRA r={cfg.lora_r}, {len(train_items)} training items, "
-        f"{len(test_items)} held-out test items)")
-    run_dir = out / f"run_seed{cfg.seed}"
-    m_old = train_task_adapter(cfg, v1, rows, cfg.seed * 100 + 11, quiet, "task adapter on v1")
-    m_old.save_pretrained(run_dir / "adapter_v1")
-    m_new = train_task_adapter(cfg, v2, rows, cfg.seed * 100 + 12, quiet, "task adapter on v2")
-    m_new.save_pretrained(run_dir / "adapter_v2")
-    preds = {"old": predict(m_old, tok, test_items), "new": predict(m_new, tok, test_items)}
-    log(f"  task adapters trained and evaluated ({time.perf_counter() - t0:.0f} s so far)")
-    del m_old, m_new, v1, v2
-
-    log("[bold]3. compatibility adapters[/bold] (CompatTrainer + fused_compat_loss, "
-        f"T={cfg.temperature}, {cfg.compat_steps} steps per mask)")
-    train_log = {}
-    for mask in cfg.masks:
-        model = build_compat_model(str(v2_path), str(run_dir / "adapter_v2"), str(v1_path),
-                                   str(run_dir / "adapter_v1"), old_tokenizer=tok,
-                                   new_tokenizer=tok)
-        args = TrainingArguments(
-            output_dir=str(run_dir / f"trainer_{mask}"), per_device_train_batch_size=cfg.compat_batch,
-            max_steps=cfg.compat_steps, learning_rate=cfg.compat_lr, lr_scheduler_type="constant",
-            logging_steps=max(1, cfg.compat_steps // 4), save_strategy="no", report_to=[],
-            seed=cfg.seed, data_seed=cfg.seed, use_cpu=True, disable_tqdm=True,
-            dataloader_num_workers=0)
-        trainer = CompatTrainer(model, args, train_dataset=rows, data_collator=_collate,
-                                compat_args=CompatArguments(mask=mask, temperature=cfg.temperature))
-        trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(_Bar(f"compat adapter, mask={mask}", quiet))
-        trainer.train()
-        model.save_pretrained(run_dir / f"compat_{mask}")
-        preds[mask] = predict(model.student, tok, test_items)
-        train_log[mask] = [h for h in trainer.state.log_history if "loss" in h]
-        log(f"  mask={mask}: trained and evaluated ({time.perf_counter() - t0:.0f} s so far)")
-        del trainer, model
-
-    logs = {name: _eval_log(name, test_items, p, labels) for name, p in preds.items()}
-    keys = logs["old"].order
-    upd = metrics.discriminative_flips([logs["old"].scores[k] for k in keys],
-                                       [logs["new"].scores[k] for k in keys])
-    rows_out = {}
-    for mask in cfg.masks:
-        s = lambda n: np.array([logs[n].scores[k] for k in keys])
-        d = metrics.compat_deltas(s("old"), s("new"), s(mask))
-        rows_out[mask] = {"acc_c": float(s(mask).mean()), **d.as_dict()}
-    report = flips.flip_report({"old": logs["old"], "new": logs["new"],
-                                "compat": logs[cfg.masks[0]]}, keys)
-    png = out / "flips.png"
-    flips.plot_flips(report, {"old": logs["old"], "new": logs["new"],
-                              "compat": logs[cfg.masks[0]]}, keys, png)
-    per_op = {op: {n: float(np.mean([logs[n].scores[k] for k in keys if test_items[k][0] == op]))
-                   for n in preds} for op in OPS}
-    result = {
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
-        "acc_v1": upd.acc_old, "acc_v2": upd.acc_new, "nfr": upd.nfr, "pfr": upd.pfr,
-        "compat": rows_out, "per_op_acc": per_op, "train_log": train_log,
-        "flip_report_muscle": report, "seconds": round(time.perf_counter() - t0, 1),
-        "outputs": {"flips_png": str(png), "run_dir": str(run_dir)},
-    }
-    flips.write_json(result, out / "results.json")
-    _render(result, console)
-    log(f"results: {out / 'results.json'}   flips plot: {png}   "
-        f"time: {result['seconds']:.0f} s")
+    _flips.write_json(result, out / "results.json")
+    _flips.write_json({"seeds": details, "cpu_s": round(sum(d["cpu_s"] for d in details), 1)},
+                      out / "details.json")
+    plot_demo(results, details, out / "flips.png")
+    _render_summary(summary, console)
+    console.print(f"results: {out / 'results.json'}  details: {out / 'details.json'}  "
+                  f"plot: {out / 'flips.png'}  wall time: {wall:.0f} s", highlight=False)
     return result
 
 
-def _render(r: dict, console) -> None:
+# ---------------------------------------------------------------- printing
+
+
+def _pct(x, signed: bool = False) -> str:
+    if x is None:
+        return ""
+    if math.isinf(x):
+        return "+inf" if x > 0 else "-inf"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _render_seed(r: dict, console) -> None:
     from rich.table import Table
 
-    def pct(x, signed=False):
-        if x is None:
-            return ""
-        if math.isinf(x):
-            return "+inf" if x > 0 else "-inf"
-        return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
-
-    t = Table(title=f"Model update v1 -> v2 on the held-out task items "
-                    f"(n={r['flip_report_muscle']['n']}, seed {r['config']['seed']}); values in %")
-    for c in ("model", "acc", "NFR", "dacc_c", "dNFR_c", "d%NFR_c"):
-        t.add_column(c, justify="left" if c == "model" else "right")
-    t.add_row("old  v1 + task adapter", pct(r["acc_v1"]), "", "", "", "")
-    t.add_row("new  v2 + task adapter", pct(r["acc_v2"]), pct(r["nfr"]), "", "", "")
-    names = {"muscle": "MUSCLE (mask=muscle)", "old_correct": "mask=old_correct",
-             "all_old": "plain KD (mask=all_old)"}
-    for mask, row in r["compat"].items():
-        t.add_row(names.get(mask, f"mask={mask}"), pct(row["acc_c"]), pct(row["nfr_c"]),
-                  pct(row["dacc_c"], True), pct(row["dnfr_c"], True), pct(row["dpct_nfr_c"], True))
+    m = r["models"]
+    t = Table(title=f"seed {r['seed']}: update v1 -> v2 on {r['n_test']} held-out items "
+                    f"({m['v2']['n_negative_flips']} negative flips); values in %")
+    for c in ("row", "acc", "NFR", "PFR", "dNFR_c", "d%NFR_c", "dacc_c"):
+        t.add_column(c, justify="left" if c == "row" else "right")
+    t.add_row(ROW_NAMES["v1"], _pct(m["v1"]["acc"]), "", "", "", "", "")
+    t.add_row(ROW_NAMES["v2"], _pct(m["v2"]["acc"]), _pct(m["v2"]["nfr"]), _pct(m["v2"]["pfr"]),
+              "", "", "")
+    for row in COMPAT_ROWS:
+        if row in m:
+            e = m[row]
+            t.add_row(ROW_NAMES[row], _pct(e["acc"]), _pct(e["nfr"]), _pct(e["pfr"]),
+                      _pct(e["d_nfr_c"], True), _pct(e["d_pct_nfr_c"], True),
+                      _pct(e["dacc_c"], True))
     console.print(t)
+
+
+def summary_lines(s: dict) -> list[str]:
+    """The summary as plain text lines: mean (min..max) over seeds of every rate and delta."""
+    def cell(e, signed=False):
+        mean = _pct(e["mean"], signed) if e["mean"] is not None else "n/a"
+        return f"{mean} ({_pct(e['min'], signed)}..{_pct(e['max'], signed)})"
+
+    head = f"summary over seeds {','.join(map(str, s['seeds']))}: mean (min..max), in %"
+    lines = [head + " (d%NFR_c means leave out infinite values)"]
+    keys = (("acc", "acc", False), ("nfr", "NFR", False), ("pfr", "PFR", False),
+            ("d_nfr_c", "dNFR_c", True), ("d_pct_nfr_c", "d%NFR_c", True),
+            ("dacc_c", "dacc_c", True))
+    for name, e in s["rows"].items():
+        parts = [f"{label} {cell(e[k], signed)}" for k, label, signed in keys if k in e]
+        lines.append(f"  {ROW_NAMES[name]:<21} " + " | ".join(parts))
+    if "target" in s:
+        tg = s["target"]
+        lines.append(f"target: MUSCLE mean d%NFR_c <= -30%: "
+                     f"{'yes' if tg['mean_d_pct_nfr_c_le_-30pct'] else 'no'}")
+        for p in tg["per_seed"]:
+            lines.append(f"  seed {p['seed']}: d%NFR_c <= -15% "
+                         f"{'yes' if p['d_pct_nfr_c_le_-15pct'] else 'no'}, acc_c >= acc_v2 - 1 "
+                         f"{'yes' if p['acc_c_ge_acc_v2_-1pt'] else 'no'}, NFR below the CE "
+                         f"control's {'yes' if p['beats_ce_control'] else 'no'}")
+        lines.append(f"target {'MET' if tg['met'] else 'NOT MET'}")
+    return lines
+
+
+def _render_summary(s: dict, console) -> None:
+    for line in summary_lines(s):
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 # ---------------------------------------------------------------- CLI
 
 
+def _seed_list(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        if "-" in part.strip()[1:]:
+            a, b = part.split("-", 1)
+            out.extend(range(int(a), int(b) + 1))
+        elif part.strip():
+            out.append(int(part))
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one seed")
+    return out
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``muscle-fast demo``."""
     parser.add_argument("--out", default="muscle_demo", help="output directory (results.json, "
-                        "flips.png, cached bases); default: ./muscle_demo")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
-    parser.add_argument("--quick", action="store_true", help="a tiny run (under a minute), for tests")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or table")
+                        "details.json, flips.png, cached bases); default: ./muscle_demo")
+    parser.add_argument("--seeds", type=_seed_list, default=list(DEFAULT_SEEDS),
+                        help="comma-separated seeds or ranges, e.g. 0,1,2 or 0-4 (default: "
+                        f"{','.join(map(str, DEFAULT_SEEDS))})")
+    parser.add_argument("--seed", type=int, default=None, help="one seed (same as --seeds N)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="processes that run the work of all seeds in parallel (default: one per "
+                        "CPU core)")
+    parser.add_argument("--quick", action="store_true", help="a tiny run, for tests")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     return parser
 
 
 def demo_main(args: argparse.Namespace) -> int:
     """Entry point of ``muscle-fast demo``; returns the exit code."""
-    cfg = DemoConfig.quick(args.seed) if args.quick else DemoConfig(seed=args.seed)
-    run_demo(args.out, cfg, quiet=args.quiet)
+    seeds = [args.seed] if args.seed is not None else args.seeds
+    run_demo(args.out, seeds, quiet=args.quiet, quick=args.quick, jobs=args.jobs)
     return 0
 
 
