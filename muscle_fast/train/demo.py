@@ -11,7 +11,8 @@
 3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out test items
    disjoint from train and validation: accuracy, negative and positive flips.
 4. Compatibility adapters, each a trainable copy of the v2 task adapter on v2, are trained with
-   ``fused_compat_loss`` on the train split, one per row: ``muscle``, ``old_correct``, plain KD
+   ``compat_training_step`` (the fused-linear loss from hidden states, by default) on the train
+   split, one per row: ``muscle``, ``old_correct``, plain KD
    (``all_old``), and the CE control (the same loop with ``kl_weight=0, ce_weight=1``: the v2
    task adapter trained further with cross-entropy only; same steps, lr, batches).
 5. Several seeds in one command: three phases (bases, task adapters, compatibility rows), each
