@@ -14,9 +14,7 @@
 #include <cstring>
 #include <limits>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "thread_pool.h"
 
 #ifndef MF_ISA
 #define MF_ISA baseline
@@ -557,27 +555,22 @@ void grad_rows_row(const GradRowsArgs& a, int64_t i, Buffers& buf) {
   }
 }
 
-// OpenMP over rows with one Buffers per thread; returns the team size.
+// Rows in chunks of `grain`, handed out dynamically to the pool's threads, one Buffers per
+// thread; returns the number of threads that ran.
 template <typename RowFn>
 int for_rows(int64_t N, int num_threads, RowFn row_fn) {
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, N)));
-  int team = 1;
-#ifdef _OPENMP
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nt)));
-#pragma omp parallel num_threads(nt)
-  {
+  std::atomic<int64_t> next{0};
+  return thread_pool().run(nt, [&](int) {
     Buffers buf;
-#pragma omp single nowait
-    team = omp_get_num_threads();
-#pragma omp for schedule(dynamic, grain)
-    for (int64_t i = 0; i < N; ++i) row_fn(i, buf);
-  }
-#else
-  (void)nt;
-  Buffers buf;
-  for (int64_t i = 0; i < N; ++i) row_fn(i, buf);
-#endif
-  return team;
+    for (;;) {
+      const int64_t i0 = next.fetch_add(grain, std::memory_order_relaxed);
+      if (i0 >= N) return;
+      const int64_t i1 = std::min<int64_t>(N, i0 + grain);
+      for (int64_t i = i0; i < i1; ++i) row_fn(i, buf);
+    }
+  });
 }
 
 }  // namespace
