@@ -171,9 +171,9 @@ or, without installing, from the checkout's root:
 
 
 def _bench_main():
-    """The harness's main() and whether it is the installed copy (else a checkout's)."""
+    """The harness's __main__ module: the wheel's copy, else the checkout's; None if neither."""
     try:
-        return importlib.import_module("muscle_fast._benchmarks.__main__"), True
+        return importlib.import_module("muscle_fast._benchmarks.__main__")
     except ModuleNotFoundError as e:
         if e.name not in ("muscle_fast._benchmarks", "muscle_fast._benchmarks.__main__"):
             raise
@@ -181,19 +181,19 @@ def _bench_main():
 
     root = Path(muscle_fast.__file__).resolve().parents[1]
     if not (root / "benchmarks" / "harness.py").is_file():
-        return None, False
+        return None
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
-    return importlib.import_module("benchmarks.__main__"), False
+    return importlib.import_module("benchmarks.__main__")
 
 
 def _run_bench(argv: list[str]) -> int:
-    mod, installed = _bench_main()
+    mod = _bench_main()
     if mod is None:
         print(_NO_HARNESS, file=sys.stderr)
         return 2
-    if installed:  # never append rows inside site-packages
-        mod.H.RESULTS = Path.cwd() / "muscle_fast_bench"
+    if {"site-packages", "dist-packages"} & set(Path(mod.__file__).parts):
+        mod.H.RESULTS = Path.cwd() / "muscle_fast_bench"  # never append rows inside site-packages
     return mod.main(argv)
 
 

@@ -230,7 +230,7 @@ def test_unrelated_import_error_still_raises(monkeypatch):
 
 
 def test_bench_without_harness_says_how(monkeypatch, capsys):
-    monkeypatch.setattr(cli, "_bench_main", lambda: (None, False))
+    monkeypatch.setattr(cli, "_bench_main", lambda: None)
     assert cli.main(["bench", "--quick"]) == 2
     err = capsys.readouterr().err
     assert "python -m benchmarks" in err and "Traceback" not in err
