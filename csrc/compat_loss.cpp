@@ -16,6 +16,10 @@
 
 #include "thread_pool.h"
 
+#if defined(MF_HAVE_X86_DISPATCH)
+#include <cpuid.h>
+#endif
+
 #ifndef MF_ISA
 #define MF_ISA baseline
 #endif
@@ -673,16 +677,37 @@ const char* validate(const GradRowsArgs& a) {
 
 namespace {
 
+#if defined(MF_HAVE_X86_DISPATCH)
+// cpuid + xgetbv rather than __builtin_cpu_supports, which reports nothing under zig's
+// compiler-rt (the manylinux wheel's compiler). The OS must also save the wider registers.
+struct X86Isas {
+  bool avx2 = false, avx512 = false;
+};
+
+X86Isas x86_isas() {
+  X86Isas r;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return r;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28),
+             f16c = c & (1u << 29);
+  if (!osxsave || !avx || __get_cpuid_max(0, nullptr) < 7) return r;
+  unsigned xlo, xhi;
+  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  const bool ymm = (xlo & 0x6u) == 0x6u, zmm = (xlo & 0xE6u) == 0xE6u;
+  __cpuid_count(7, 0, a, b, c, d);
+  r.avx2 = ymm && fma && f16c && (b & (1u << 5));
+  r.avx512 = r.avx2 && zmm && (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) &&
+             (b & (1u << 31));  // avx512 f, dq, bw, vl
+  return r;
+}
+#endif
+
 bool cpu_has(const char* isa) {
   if (std::strcmp(isa, "baseline") == 0) return true;
 #if defined(MF_HAVE_X86_DISPATCH)
-  __builtin_cpu_init();
-  if (std::strcmp(isa, "avx2") == 0)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::strcmp(isa, "avx512") == 0)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma");
+  static const X86Isas have = x86_isas();
+  if (std::strcmp(isa, "avx2") == 0) return have.avx2;
+  if (std::strcmp(isa, "avx512") == 0) return have.avx512;
 #endif
   return false;
 }
