@@ -133,6 +133,19 @@ print("loss ok", float(loss))
 """
 
 
+def _host_isa() -> str:
+    """The best kernel this CPU runs, from /proc/cpuinfo (the wheel's compiler has its own
+    feature detection, which must agree)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx2", "fma", "f16c"} <= flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma", "f16c"} <= flags else "baseline"
+
+
 def _jsonl(path: Path, rows) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -157,7 +170,7 @@ def test_light_install_has_no_triton(light_venv):
 def test_light_install_commands(light_venv, tmp_path):
     mf = light_venv / "muscle-fast"
     version = run([mf, "--version"], cwd=tmp_path).stdout
-    assert version.startswith("muscle-fast 0.1.0 (native CPU kernel: "), version
+    assert version.startswith(f"muscle-fast 0.1.0 (native CPU kernel: {_host_isa()};"), version
     assert "bench" in run([mf, "--help"], cwd=tmp_path).stdout
     old = _jsonl(tmp_path / "old.jsonl", [{"id": i, "prediction": i % 2, "label": 1} for i in range(6)])
     new = _jsonl(tmp_path / "new.jsonl", [{"id": i, "prediction": 1, "label": 1} for i in range(6)])
