@@ -52,7 +52,7 @@ wheel: $(BIN)/python
 	rm -rf dist/raw
 	MUSCLE_FAST_REQUIRE_NATIVE=1 MUSCLE_FAST_ZIG_TARGET=$(ZIG_TARGET) \
 		$(BIN)/python -m pip wheel --no-deps -w dist/raw .
-	$(BIN)/python -m auditwheel repair --plat $(MANYLINUX) -w dist dist/raw/muscle_fast-*.whl
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --plat $(MANYLINUX) -w dist dist/raw/muscle_fast-*.whl
 	rm -rf dist/raw
 
 # The pure-Python wheel (py3-none-any): CPU uses impl="torch" (saying so once), CUDA uses Triton.
