@@ -80,7 +80,10 @@ class CMakeBuild(build_ext):
         if cmake is None:
             raise RuntimeError("cmake not found")
         out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
-        build_temp = Path(self.build_temp).resolve() / "cmake"
+        zig_target = os.environ.get("MUSCLE_FAST_ZIG_TARGET")
+        # one cmake tree per compiler: switching reuses no cache or objects of the other
+        tree = f"cmake-zig-{zig_target}" if zig_target else "cmake"
+        build_temp = Path(self.build_temp).resolve() / tree
         build_temp.mkdir(parents=True, exist_ok=True)
         sanitize = os.environ.get("MUSCLE_FAST_SANITIZE", "0") == "1"
         args = [
@@ -92,7 +95,6 @@ class CMakeBuild(build_ext):
         ninja = _tool("ninja", "ninja")
         if ninja:
             args += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
-        zig_target = os.environ.get("MUSCLE_FAST_ZIG_TARGET")
         if zig_target:
             args.append(f"-DCMAKE_CXX_COMPILER={_zig_compiler(build_temp, zig_target)}")
         args += shlex.split(os.environ.get("MUSCLE_FAST_CMAKE_ARGS", ""))
