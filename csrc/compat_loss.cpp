@@ -14,8 +14,10 @@
 #include <cstring>
 #include <limits>
 
-#ifdef _OPENMP
-#include <omp.h>
+#include "thread_pool.h"
+
+#if defined(MF_HAVE_X86_DISPATCH)
+#include <cpuid.h>
 #endif
 
 #ifndef MF_ISA
@@ -557,27 +559,22 @@ void grad_rows_row(const GradRowsArgs& a, int64_t i, Buffers& buf) {
   }
 }
 
-// OpenMP over rows with one Buffers per thread; returns the team size.
+// Rows in chunks of `grain`, handed out dynamically to the pool's threads, one Buffers per
+// thread; returns the number of threads that ran.
 template <typename RowFn>
 int for_rows(int64_t N, int num_threads, RowFn row_fn) {
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, N)));
-  int team = 1;
-#ifdef _OPENMP
   const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, N / (8 * nt)));
-#pragma omp parallel num_threads(nt)
-  {
+  std::atomic<int64_t> next{0};
+  return thread_pool().run(nt, [&](int) {
     Buffers buf;
-#pragma omp single nowait
-    team = omp_get_num_threads();
-#pragma omp for schedule(dynamic, grain)
-    for (int64_t i = 0; i < N; ++i) row_fn(i, buf);
-  }
-#else
-  (void)nt;
-  Buffers buf;
-  for (int64_t i = 0; i < N; ++i) row_fn(i, buf);
-#endif
-  return team;
+    for (;;) {
+      const int64_t i0 = next.fetch_add(grain, std::memory_order_relaxed);
+      if (i0 >= N) return;
+      const int64_t i1 = std::min<int64_t>(N, i0 + grain);
+      for (int64_t i = i0; i < i1; ++i) row_fn(i, buf);
+    }
+  });
 }
 
 }  // namespace
@@ -680,16 +677,37 @@ const char* validate(const GradRowsArgs& a) {
 
 namespace {
 
+#if defined(MF_HAVE_X86_DISPATCH)
+// cpuid + xgetbv rather than __builtin_cpu_supports, which reports nothing under zig's
+// compiler-rt (the manylinux wheel's compiler). The OS must also save the wider registers.
+struct X86Isas {
+  bool avx2 = false, avx512 = false;
+};
+
+X86Isas x86_isas() {
+  X86Isas r;
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return r;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28),
+             f16c = c & (1u << 29);
+  if (!osxsave || !avx || __get_cpuid_max(0, nullptr) < 7) return r;
+  unsigned xlo, xhi;
+  __asm__("xgetbv" : "=a"(xlo), "=d"(xhi) : "c"(0));
+  const bool ymm = (xlo & 0x6u) == 0x6u, zmm = (xlo & 0xE6u) == 0xE6u;
+  __cpuid_count(7, 0, a, b, c, d);
+  r.avx2 = ymm && fma && f16c && (b & (1u << 5));
+  r.avx512 = r.avx2 && zmm && (b & (1u << 16)) && (b & (1u << 17)) && (b & (1u << 30)) &&
+             (b & (1u << 31));  // avx512 f, dq, bw, vl
+  return r;
+}
+#endif
+
 bool cpu_has(const char* isa) {
   if (std::strcmp(isa, "baseline") == 0) return true;
 #if defined(MF_HAVE_X86_DISPATCH)
-  __builtin_cpu_init();
-  if (std::strcmp(isa, "avx2") == 0)
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::strcmp(isa, "avx512") == 0)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx2") &&
-           __builtin_cpu_supports("fma");
+  static const X86Isas have = x86_isas();
+  if (std::strcmp(isa, "avx2") == 0) return have.avx2;
+  if (std::strcmp(isa, "avx512") == 0) return have.avx512;
 #endif
   return false;
 }

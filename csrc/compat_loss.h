@@ -76,7 +76,7 @@ const char* validate(const PartialArgs& a);
 const char* validate(const GradRowsArgs& a);  // also reads consts' sel column
 
 // isa: "" picks the best supported; else one of available_isas(). Returns false on an unknown or
-// unsupported isa. Arguments must have passed validate(). threads_used: the OpenMP team size.
+// unsupported isa. Arguments must have passed validate(). threads_used: the threads that ran.
 bool compat_loss_rows(const RowArgs& a, const char* isa = "", int* threads_used = nullptr);
 bool compat_partials(const PartialArgs& a, const char* isa = "", int* threads_used = nullptr);
 bool compat_grad_rows(const GradRowsArgs& a, const char* isa = "", int* threads_used = nullptr);

@@ -8,7 +8,9 @@ append it to ``_SUBCOMMANDS``.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from pathlib import Path
 
 _FLIPS_HELP = """\
 Compare an old model (Mv1) with its update (Mv2), and optionally with the compatible update
@@ -154,7 +156,106 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=run)
 
 
-_SUBCOMMANDS = [_add_flips, _add_demo]
+_BENCH_HELP = """\
+Runs the benchmark harness (the repository's benchmarks/ folder, shipped in the wheel as
+muscle_fast._benchmarks); every argument is passed on to it: `muscle-fast bench --help` lists
+them. From an installed wheel the result rows are appended to ./muscle_fast_bench/ unless --out
+or --no-save is given.
+"""
+
+_NO_HARNESS = """\
+muscle-fast bench: the benchmark harness is not in this installation. It lives in the
+repository's benchmarks/ folder; from a checkout run
+    pip install -e ".[bench]" && muscle-fast bench ARGS
+or, without installing, from the checkout's root:
+    PYTHONPATH=. python -m benchmarks ARGS"""
+
+
+def _bench_main():
+    """The harness's __main__ module: the wheel's copy, else the checkout's; None if neither."""
+    try:
+        return importlib.import_module("muscle_fast._benchmarks.__main__")
+    except ModuleNotFoundError as e:
+        if e.name not in ("muscle_fast._benchmarks", "muscle_fast._benchmarks.__main__"):
+            raise
+    import muscle_fast
+
+    root = Path(muscle_fast.__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "harness.py").is_file():
+        return None
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module("benchmarks.__main__")
+
+
+def _run_bench(argv: list[str]) -> int:
+    mod = _bench_main()
+    if mod is None:
+        print(_NO_HARNESS, file=sys.stderr)
+        return 2
+    if {"site-packages", "dist-packages"} & set(Path(mod.__file__).parts):
+        mod.H.RESULTS = Path.cwd() / "muscle_fast_bench"  # never append rows inside site-packages
+    return mod.main(argv)
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="the benchmark harness (every peer, correctness first; `bench --help` for options)",
+        description=_BENCH_HELP,
+        add_help=False,
+    )
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _run_bench(args.args))
+
+
+_SUBCOMMANDS = [_add_flips, _add_demo, _add_bench]
+
+# An optional dependency's import name -> the extra of each command that needs it.
+_EXTRA_FOR = {
+    "demo": ("train", {"transformers", "peft", "accelerate", "tqdm", "matplotlib", "safetensors"}),
+    "flips": ("eval", {"rouge_score", "matplotlib", "lm_eval"}),
+    "bench": ("bench", {"matplotlib", "pandas", "pytest_benchmark"}),
+}
+
+
+def _missing_extra(command: str, err: ModuleNotFoundError) -> str | None:
+    """The message naming the extra to install when `err` is one of its packages, else None."""
+    extra, modules = _EXTRA_FOR.get(command, (None, set()))
+    name = (err.name or "").split(".")[0]
+    if extra is None or name not in modules:
+        return None
+    return (
+        f"muscle-fast {command}: needs the '{name}' package, from the '{extra}' extra:\n"
+        f'    pip install "muscle_fast[{extra}]"'
+    )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("muscle_fast")
+    except PackageNotFoundError:
+        v = "(not installed)"
+    try:
+        from muscle_fast import _native
+
+        cpu = f"native CPU kernel: {_native.best_isa()}"
+    except Exception:  # noqa: BLE001 - any failure means: no native kernel here
+        cpu = "no native CPU kernel (impl='torch' on the CPU)"
+    return f"muscle-fast {v} ({cpu}; Python {sys.version.split()[0]})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (it imports the package)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="muscle-fast",
         description="muscle_fast: fused MUSCLE compatibility loss, its tools and its metrics.",
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in _SUBCOMMANDS:
         add(sub)
@@ -170,8 +272,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``muscle-fast`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # every option belongs to the harness, --help included
+        command, run = "bench", lambda: _run_bench(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        command, run = args.command, lambda: args.func(args)
+    try:
+        return run()
+    except ModuleNotFoundError as e:
+        msg = _missing_extra(command, e)
+        if msg is None:
+            raise
+        print(msg, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
