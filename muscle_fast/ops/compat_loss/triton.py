@@ -233,6 +233,33 @@ def _teacher_block(o_row, w_row, cols, t_lim, o_lim, w_lim, use_new, HAS_NEW: tl
 
 
 @triton.jit
+def _grad_pair(z_row, o_row, w_row, g_row, c0, V, z_lim, t_lim, o_lim, w_lim, active, use_new, y,
+               zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB: tl.constexpr,
+               HAS_NEW: tl.constexpr, HAS_CE: tl.constexpr, HAS_KL: tl.constexpr,
+               TAIL: tl.constexpr):
+    """Two [SUB] blocks of the gradient pass at columns c0 and c0 + SUB, both loads first. The
+    stores are masked only in the TAIL (the main loop's blocks lie inside the row)."""
+    c1 = c0 + SUB
+    z0 = tl.load(z_row + c0, mask=c0 < z_lim, other=NEG_INF).to(tl.float32)
+    z1 = tl.load(z_row + c1, mask=c1 < z_lim, other=NEG_INF).to(tl.float32)
+    t0 = tl.full([SUB], NEG_INF, tl.float32)
+    t1 = t0
+    if HAS_KL:
+        t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+        t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+    g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
+    g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
+    g0 = tl.where(active, g0, 0.0).to(g_row.dtype.element_ty)
+    g1 = tl.where(active, g1, 0.0).to(g_row.dtype.element_ty)
+    if TAIL:
+        tl.store(g_row + c0, g0, mask=c0 < V)
+        tl.store(g_row + c1, g1, mask=c1 < V)
+    else:
+        tl.store(g_row + c0, g0)
+        tl.store(g_row + c1, g1)
+
+
+@triton.jit
 def _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st, l2_s1, ts,
               l2_tt, c_t, c_ce, k2, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
               HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
@@ -249,35 +276,13 @@ def _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2
     o_lim = tl.where(active & use_old, V, 0)
     w_lim = tl.where(active & use_new, V, 0)
     n_main = V // (2 * SUB)
-    c0 = n_main * (2 * SUB) + lanes
-    c1 = c0 + SUB
-    z0 = tl.load(z_row + c0, mask=c0 < z_lim, other=NEG_INF).to(tl.float32)
-    z1 = tl.load(z_row + c1, mask=c1 < z_lim, other=NEG_INF).to(tl.float32)
-    t0 = tl.full([SUB], NEG_INF, tl.float32)
-    t1 = t0
-    if HAS_KL:
-        t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW)
-        t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW)
-    g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
-    g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
-    tl.store(g_row + c0, tl.where(active, g0, 0.0).to(g_row.dtype.element_ty), mask=c0 < V)
-    tl.store(g_row + c1, tl.where(active, g1, 0.0).to(g_row.dtype.element_ty), mask=c1 < V)
+    _grad_pair(z_row, o_row, w_row, g_row, n_main * (2 * SUB) + lanes, V, z_lim, t_lim, o_lim,
+               w_lim, active, use_new, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB,
+               HAS_NEW, HAS_CE, HAS_KL, True)
     for j in range(n_main):
-        c0 = (n_main - 1 - j) * (2 * SUB) + lanes
-        c1 = c0 + SUB
-        z0 = tl.load(z_row + c0, mask=c0 < z_lim, other=NEG_INF).to(tl.float32)
-        z1 = tl.load(z_row + c1, mask=c1 < z_lim, other=NEG_INF).to(tl.float32)
-        t0 = tl.full([SUB], NEG_INF, tl.float32)
-        t1 = t0
-        if HAS_KL:
-            t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW)
-            t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW)
-        g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE,
-                         HAS_KL)
-        g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE,
-                         HAS_KL)
-        tl.store(g_row + c0, tl.where(active, g0, 0.0).to(g_row.dtype.element_ty))
-        tl.store(g_row + c1, tl.where(active, g1, 0.0).to(g_row.dtype.element_ty))
+        _grad_pair(z_row, o_row, w_row, g_row, (n_main - 1 - j) * (2 * SUB) + lanes, V, z_lim,
+                   t_lim, o_lim, w_lim, active, use_new, y, zs, l2_st, l2_s1, ts, l2_tt, c_t,
+                   c_ce, k2, SUB, HAS_NEW, HAS_CE, HAS_KL, False)
 
 
 @triton.jit
