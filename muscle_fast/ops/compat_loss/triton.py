@@ -107,6 +107,38 @@ def _lanes_sum(s, m, ref, c):
 
 
 @triton.jit
+def _load_block(row, cols, lim, TAIL: tl.constexpr):
+    if TAIL:
+        x = tl.load(row + cols, mask=cols < lim, other=NEG_INF)
+    else:
+        x = tl.load(row + cols)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _stats_pair(z_row, o_row, w_row, c0, v_lim, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw,
+                aw, c_t, SUB: tl.constexpr, HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr,
+                TAIL: tl.constexpr):
+    """Two [SUB] blocks of the statistics pass at columns c0 and c0 + SUB, every load first;
+    masked only in the TAIL (the main loop's blocks lie inside the row)."""
+    c1 = c0 + SUB
+    z0 = _load_block(z_row, c0, v_lim, TAIL)
+    o0 = _load_block(o_row, c0, v_lim, TAIL)
+    z1 = _load_block(z_row, c1, v_lim, TAIL)
+    o1 = _load_block(o_row, c1, v_lim, TAIL)
+    w0 = o0
+    w1 = o1
+    if HAS_NEW:
+        w0 = _load_block(w_row, c0, v_lim, TAIL)
+        w1 = _load_block(w_row, c1, v_lim, TAIL)
+    zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
+        z0, o0, w0, c0, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
+        HAS_NEW, OLD_AT_ONE)
+    return _lanes_step(z1, o1, w1, c1, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
+                       HAS_NEW, OLD_AT_ONE)
+
+
+@triton.jit
 def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
                 OLD_AT_ONE: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
     """Statistics of one row over columns [0, v_lim): maxima, first argmax, exp sums relative to
@@ -140,42 +172,13 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
         zs1, om, oa, so, ao, so1, wm, wa, sw, aw = zst, zm, za, zst, zst, zst, zm, za, zst, zst
         n_main = v_lim // (2 * SUB)
         for i in range(n_main):
-            c0 = i * (2 * SUB) + lanes
-            c1 = c0 + SUB
-            z0 = tl.load(z_row + c0).to(tl.float32)
-            o0 = tl.load(o_row + c0).to(tl.float32)
-            z1 = tl.load(z_row + c1).to(tl.float32)
-            o1 = tl.load(o_row + c1).to(tl.float32)
-            w0 = o0
-            w1 = o1
-            if HAS_NEW:
-                w0 = tl.load(w_row + c0).to(tl.float32)
-                w1 = tl.load(w_row + c1).to(tl.float32)
-            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
-                z0, o0, w0, c0, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
-                HAS_NEW, OLD_AT_ONE)
-            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
-                z1, o1, w1, c1, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
-                HAS_NEW, OLD_AT_ONE)
-        c0 = n_main * (2 * SUB) + lanes  # the tail: fewer than 2 * SUB columns, masked
-        c1 = c0 + SUB
-        m0 = c0 < v_lim
-        m1 = c1 < v_lim
-        z0 = tl.load(z_row + c0, mask=m0, other=NEG_INF).to(tl.float32)
-        o0 = tl.load(o_row + c0, mask=m0, other=NEG_INF).to(tl.float32)
-        z1 = tl.load(z_row + c1, mask=m1, other=NEG_INF).to(tl.float32)
-        o1 = tl.load(o_row + c1, mask=m1, other=NEG_INF).to(tl.float32)
-        w0 = o0
-        w1 = o1
-        if HAS_NEW:
-            w0 = tl.load(w_row + c0, mask=m0, other=NEG_INF).to(tl.float32)
-            w1 = tl.load(w_row + c1, mask=m1, other=NEG_INF).to(tl.float32)
-        zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
-            z0, o0, w0, c0, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
-            HAS_NEW, OLD_AT_ONE)
-        zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
-            z1, o1, w1, c1, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
-            HAS_NEW, OLD_AT_ONE)
+            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _stats_pair(
+                z_row, o_row, w_row, i * (2 * SUB) + lanes, v_lim, zm, za, zst, zs1, om, oa, so,
+                ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, False)
+        # the tail: fewer than 2 * SUB columns, masked
+        zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _stats_pair(
+            z_row, o_row, w_row, n_main * (2 * SUB) + lanes, v_lim, zm, za, zst, zs1, om, oa, so,
+            ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, True)
         z = zm  # unused without SINGLE_BLOCK
         o = zm
         w = zm
