@@ -85,9 +85,10 @@ def row_pass(impl: str, vocab_parallel, logits: Tensor, labels: Tensor, old_logi
     cannot go through a custom op.
     """
     if vocab_parallel is not None:
-        grad = {"none": None, "inplace": logits}.get(grad_mode)
         if grad_mode == "new":
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        else:
+            grad = logits if grad_mode == "inplace" else None
         rows = vocab_parallel(logits, labels, old_logits, new_logits, mask, grad, scale,
                               **kopts.kwargs(old_label_logprob))
         return rows, grad
