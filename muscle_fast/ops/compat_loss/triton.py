@@ -107,30 +107,49 @@ def _lanes_sum(s, m, ref, c):
 
 
 @triton.jit
-def _load_block(row, cols, lim, TAIL: tl.constexpr):
+def _peel(row):
+    """Columns before the first 16-byte boundary of ``row`` (a pointer to its column 0): the
+    head a row of odd length is read by masked before its aligned main loop (0 .. 16/e - 1)."""
+    e: tl.constexpr = row.dtype.element_ty.primitive_bitwidth // 8
+    return ((16 - row.to(tl.int64) % 16) % 16 // e).to(tl.int32)
+
+
+@triton.jit
+def _at(row, cols, ALIGNED: tl.constexpr):
+    """Pointers to ``cols`` of ``row``; ALIGNED tells the compiler that the block starts on a
+    16-byte boundary (true of every main-loop block after the head peel: the launcher checks
+    that the one peel of the student row aligns every other row read or written)."""
+    ptrs = row + cols
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [16])
+    return ptrs
+
+
+@triton.jit
+def _load_block(row, cols, lim, TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     if TAIL:
         x = tl.load(row + cols, mask=cols < lim, other=NEG_INF)
     else:
-        x = tl.load(row + cols)
+        x = tl.load(_at(row, cols, ALIGNED))
     return x.to(tl.float32)
 
 
 @triton.jit
 def _stats_pair(z_row, o_row, w_row, c0, v_lim, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw,
                 aw, c_t, SUB: tl.constexpr, HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr,
-                TAIL: tl.constexpr):
+                TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     """Two [SUB] blocks of the statistics pass at columns c0 and c0 + SUB, every load first;
     masked only in the TAIL (the main loop's blocks lie inside the row)."""
     c1 = c0 + SUB
-    z0 = _load_block(z_row, c0, v_lim, TAIL)
-    o0 = _load_block(o_row, c0, v_lim, TAIL)
-    z1 = _load_block(z_row, c1, v_lim, TAIL)
-    o1 = _load_block(o_row, c1, v_lim, TAIL)
+    z0 = _load_block(z_row, c0, v_lim, TAIL, ALIGNED)
+    o0 = _load_block(o_row, c0, v_lim, TAIL, ALIGNED)
+    z1 = _load_block(z_row, c1, v_lim, TAIL, ALIGNED)
+    o1 = _load_block(o_row, c1, v_lim, TAIL, ALIGNED)
     w0 = o0
     w1 = o1
     if HAS_NEW:
-        w0 = _load_block(w_row, c0, v_lim, TAIL)
-        w1 = _load_block(w_row, c1, v_lim, TAIL)
+        w0 = _load_block(w_row, c0, v_lim, TAIL, ALIGNED)
+        w1 = _load_block(w_row, c1, v_lim, TAIL, ALIGNED)
     zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
         z0, o0, w0, c0, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
         HAS_NEW, OLD_AT_ONE)
@@ -140,13 +159,16 @@ def _stats_pair(z_row, o_row, w_row, c0, v_lim, zm, za, zst, zs1, om, oa, so, ao
 
 @triton.jit
 def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
-                OLD_AT_ONE: tl.constexpr, SINGLE_BLOCK: tl.constexpr):
+                OLD_AT_ONE: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr):
     """Statistics of one row over columns [0, v_lim): maxima, first argmax, exp sums relative to
     the maxima (student at T and 1, teachers at T, old at 1 with OLD_AT_ONE), teacher KL partials.
 
     SINGLE_BLOCK: the row is one [SUB] block, kept and returned (z, o, w) for the gradient.
     Otherwise two [SUB] blocks a loop iteration, every row load at its top: an aligned main loop
-    without masks over whole iterations, then one masked iteration for the tail.
+    without masks over whole iterations, then one masked iteration for the tail. PEEL (rows not
+    known to start on 16 bytes, e.g. an odd V): first the h < 16/e columns before the student
+    row's first 16-byte boundary, masked, so that the main loop starts on it and keeps vector
+    loads. Every lane still visits its columns in increasing order (head, main loop, tail).
     """
     lanes = tl.arange(0, SUB)  # [SUB]
     c_t = inv_t * LOG2E
@@ -170,15 +192,26 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
         za = tl.zeros([SUB], tl.int32)
         zst = tl.zeros([SUB], tl.float32)
         zs1, om, oa, so, ao, so1, wm, wa, sw, aw = zst, zm, za, zst, zst, zst, zm, za, zst, zst
-        n_main = v_lim // (2 * SUB)
+        h = 0
+        if PEEL:
+            h = tl.minimum(_peel(z_row), v_lim)  # 0 for an ignored row (v_lim = 0)
+            z = _load_block(z_row, lanes, h, True, False)
+            o = _load_block(o_row, lanes, h, True, False)
+            w = o
+            if HAS_NEW:
+                w = _load_block(w_row, lanes, h, True, False)
+            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
+                z, o, w, lanes, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
+                HAS_NEW, OLD_AT_ONE)
+        n_main = (v_lim - h) // (2 * SUB)
         for i in range(n_main):
             zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _stats_pair(
-                z_row, o_row, w_row, i * (2 * SUB) + lanes, v_lim, zm, za, zst, zs1, om, oa, so,
-                ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, False)
+                z_row, o_row, w_row, h + i * (2 * SUB) + lanes, v_lim, zm, za, zst, zs1, om, oa,
+                so, ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, False, PEEL)
         # the tail: fewer than 2 * SUB columns, masked
         zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _stats_pair(
-            z_row, o_row, w_row, n_main * (2 * SUB) + lanes, v_lim, zm, za, zst, zs1, om, oa, so,
-            ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, True)
+            z_row, o_row, w_row, h + n_main * (2 * SUB) + lanes, v_lim, zm, za, zst, zs1, om, oa,
+            so, ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, True, False)
         z = zm  # unused without SINGLE_BLOCK
         o = zm
         w = zm
@@ -219,73 +252,100 @@ def _grad_block(z, t, cols, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2,
 
 
 @triton.jit
-def _teacher_block(o_row, w_row, cols, t_lim, o_lim, w_lim, use_new, HAS_NEW: tl.constexpr):
+def _cols_mask(cols, lim, TAIL: tl.constexpr):
+    """cols < lim for lim in {0, V}: per column in the TAIL; inside the row (the main loop) one
+    row-wide predicate, which keeps a vector of columns uniform whatever V is."""
+    if TAIL:
+        return cols < lim
+    return (tl.zeros_like(cols) + lim) > 0
+
+
+@triton.jit
+def _teacher_block(o_row, w_row, cols, t_lim, o_lim, w_lim, use_new, HAS_NEW: tl.constexpr,
+                   TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     """The selected teacher's columns (-inf where not read): one load through the selected row
     when both teachers share a dtype, else each teacher read only where it is the selected one."""
     if HAS_NEW:
         if o_row.dtype == w_row.dtype:
-            t = tl.load(tl.where(use_new, w_row, o_row) + cols, mask=cols < t_lim,
-                        other=NEG_INF).to(tl.float32)
+            t = tl.load(_at(tl.where(use_new, w_row, o_row), cols, ALIGNED),
+                        mask=_cols_mask(cols, t_lim, TAIL), other=NEG_INF).to(tl.float32)
         else:
-            t = tl.load(o_row + cols, mask=cols < o_lim, other=NEG_INF).to(tl.float32)
-            tn = tl.load(w_row + cols, mask=cols < w_lim, other=NEG_INF).to(tl.float32)
+            t = tl.load(_at(o_row, cols, ALIGNED), mask=_cols_mask(cols, o_lim, TAIL),
+                        other=NEG_INF).to(tl.float32)
+            tn = tl.load(_at(w_row, cols, ALIGNED), mask=_cols_mask(cols, w_lim, TAIL),
+                         other=NEG_INF).to(tl.float32)
             t = tl.where(use_new, tn, t)
     else:
-        t = tl.load(o_row + cols, mask=cols < t_lim, other=NEG_INF).to(tl.float32)
+        t = tl.load(_at(o_row, cols, ALIGNED), mask=_cols_mask(cols, t_lim, TAIL),
+                    other=NEG_INF).to(tl.float32)
     return t
 
 
 @triton.jit
-def _grad_pair(z_row, o_row, w_row, g_row, c0, V, z_lim, t_lim, o_lim, w_lim, active, use_new, y,
+def _grad_pair(z_row, o_row, w_row, g_row, c0, s_lim, z_lim, t_lim, o_lim, w_lim, active, use_new, y,
                zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB: tl.constexpr,
                HAS_NEW: tl.constexpr, HAS_CE: tl.constexpr, HAS_KL: tl.constexpr,
-               TAIL: tl.constexpr):
+               TAIL: tl.constexpr, ALIGNED: tl.constexpr):
     """Two [SUB] blocks of the gradient pass at columns c0 and c0 + SUB, both loads first. The
-    stores are masked only in the TAIL (the main loop's blocks lie inside the row)."""
+    stores are masked (columns < s_lim) only in the TAIL (the main loop's blocks lie inside the
+    row); the *_lim are 0 or the end of the columns that may be read."""
     c1 = c0 + SUB
-    z0 = tl.load(z_row + c0, mask=c0 < z_lim, other=NEG_INF).to(tl.float32)
-    z1 = tl.load(z_row + c1, mask=c1 < z_lim, other=NEG_INF).to(tl.float32)
+    z0 = tl.load(_at(z_row, c0, ALIGNED), mask=_cols_mask(c0, z_lim, TAIL),
+                 other=NEG_INF).to(tl.float32)
+    z1 = tl.load(_at(z_row, c1, ALIGNED), mask=_cols_mask(c1, z_lim, TAIL),
+                 other=NEG_INF).to(tl.float32)
     t0 = tl.full([SUB], NEG_INF, tl.float32)
     t1 = t0
     if HAS_KL:
-        t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW)
-        t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW)
+        t0 = _teacher_block(o_row, w_row, c0, t_lim, o_lim, w_lim, use_new, HAS_NEW, TAIL,
+                            ALIGNED)
+        t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW, TAIL,
+                            ALIGNED)
     g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
     g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
     g0 = tl.where(active, g0, 0.0).to(g_row.dtype.element_ty)
     g1 = tl.where(active, g1, 0.0).to(g_row.dtype.element_ty)
     if TAIL:
-        tl.store(g_row + c0, g0, mask=c0 < V)
-        tl.store(g_row + c1, g1, mask=c1 < V)
+        tl.store(g_row + c0, g0, mask=c0 < s_lim)
+        tl.store(g_row + c1, g1, mask=c1 < s_lim)
     else:
-        tl.store(g_row + c0, g0)
-        tl.store(g_row + c1, g1)
+        tl.store(_at(g_row, c0, ALIGNED), g0)
+        tl.store(_at(g_row, c1, ALIGNED), g1)
 
 
 @triton.jit
 def _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st, l2_s1, ts,
               l2_tt, c_t, c_ce, k2, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
-              HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
+              HAS_CE: tl.constexpr, HAS_KL: tl.constexpr, PEEL: tl.constexpr):
     """The gradient pass over one row, from its last columns to its first (the blocks the
     statistics pass read last are the likeliest still in L2): the masked tail, then whole
-    iterations of two [SUB] blocks, all loads at the top. Reads the student (not for an ignored
+    iterations of two [SUB] blocks, all loads at the top, then (PEEL) the masked head before the
+    student row's first 16-byte boundary (`_stream_row`). Reads the student (not for an ignored
     row) and the selected teacher (use_old: old, use_new: new, neither: none); writes every
     column (zeros when not active). Each block is read before it is written, so g may be the
     student."""
     lanes = tl.arange(0, SUB)  # [SUB]
-    # V or 0 per row: as divisible as V, so the masks stay uniform over a vector of columns
+    # V or 0 per row: as divisible as V, so the tail's masks stay uniform over a vector of columns
     z_lim = tl.where(active, V, 0)
     t_lim = tl.where(active & (use_old | use_new), V, 0)
     o_lim = tl.where(active & use_old, V, 0)
     w_lim = tl.where(active & use_new, V, 0)
-    n_main = V // (2 * SUB)
-    _grad_pair(z_row, o_row, w_row, g_row, n_main * (2 * SUB) + lanes, V, z_lim, t_lim, o_lim,
+    h = 0
+    if PEEL:
+        h = tl.minimum(_peel(z_row), V)
+    n_main = (V - h) // (2 * SUB)
+    _grad_pair(z_row, o_row, w_row, g_row, h + n_main * (2 * SUB) + lanes, V, z_lim, t_lim, o_lim,
                w_lim, active, use_new, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB,
-               HAS_NEW, HAS_CE, HAS_KL, True)
+               HAS_NEW, HAS_CE, HAS_KL, True, False)
     for j in range(n_main):
-        _grad_pair(z_row, o_row, w_row, g_row, (n_main - 1 - j) * (2 * SUB) + lanes, V, z_lim,
-                   t_lim, o_lim, w_lim, active, use_new, y, zs, l2_st, l2_s1, ts, l2_tt, c_t,
-                   c_ce, k2, SUB, HAS_NEW, HAS_CE, HAS_KL, False)
+        _grad_pair(z_row, o_row, w_row, g_row, h + (n_main - 1 - j) * (2 * SUB) + lanes, V,
+                   z_lim, t_lim, o_lim, w_lim, active, use_new, y, zs, l2_st, l2_s1, ts, l2_tt,
+                   c_t, c_ce, k2, SUB, HAS_NEW, HAS_CE, HAS_KL, False, PEEL)
+    if PEEL:  # columns [0, h)
+        _grad_pair(z_row, o_row, w_row, g_row, lanes, h, tl.minimum(z_lim, h),
+                   tl.minimum(t_lim, h), tl.minimum(o_lim, h), tl.minimum(w_lim, h), active,
+                   use_new, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB, HAS_NEW, HAS_CE,
+                   HAS_KL, True, False)
 
 
 @triton.jit
@@ -298,7 +358,7 @@ def _compat_loss_kernel(
     T_LEN, V, inv_t, kl_weight, ce_weight, ignore_index,
     HAS_NEW: tl.constexpr, MASK_MODE: tl.constexpr, OLD_AT_ONE: tl.constexpr,
     HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_CE: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, PEEL: tl.constexpr,
 ):
     """One token row: statistics pass, mask, loss, the row stats, then (HAS_GRAD) the gradient.
 
@@ -321,7 +381,7 @@ def _compat_loss_kernel(
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
     (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o,
      w) = _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB, HAS_NEW, OLD_AT_ONE,
-                      SINGLE_BLOCK)
+                      SINGLE_BLOCK, PEEL)
     # the label's logits: one in-range element each (never an address from an unchecked label)
     y_at = tl.where(y_ok, y, 0)
     z_y = tl.load(z_row + y_at, mask=active & y_ok, other=0.0).to(tl.float32)
@@ -414,7 +474,7 @@ def _compat_loss_kernel(
         else:
             # only the selected teacher's row is read again
             _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st,
-                      l2_s1, ts, l2_tt, c_t, c_ce, k2, BLOCK_V, HAS_NEW, HAS_CE, HAS_KL)
+                      l2_s1, ts, l2_tt, c_t, c_ce, k2, BLOCK_V, HAS_NEW, HAS_CE, HAS_KL, PEEL)
 
 
 @triton.jit
@@ -424,7 +484,7 @@ def _compat_partials_kernel(
     w_ptr, w_sb, w_st,
     y_ptr, out_ptr,
     T_LEN, V, inv_t, ignore_index,
-    HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr, BLOCK_V: tl.constexpr, PEEL: tl.constexpr,
 ):
     """One token row of one vocabulary slice: the 15 partial statistics (README.md, vocabulary
     parallel), the statistics pass of ``_compat_loss_kernel`` without the finalisation.
@@ -445,7 +505,7 @@ def _compat_partials_kernel(
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
     (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, _, _,
      _) = _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, BLOCK_V // 2, HAS_NEW, OLD_AT_ONE,
-                      False)
+                      False, PEEL)
     y_at = tl.where(own, y, 0)
     z_y = tl.load(z_row + y_at, mask=active & own, other=0.0).to(tl.float32)
     out = out_ptr + row * N_PARTIALS_C
@@ -487,7 +547,7 @@ def _compat_grad_rows_kernel(
     y_ptr, c_ptr,
     T_LEN, V, inv_t,
     HAS_NEW: tl.constexpr, HAS_KL: tl.constexpr, HAS_CE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, PEEL: tl.constexpr,
 ):
     """One token row of one vocabulary slice: its gradient from the 8 row constants.
 
@@ -523,11 +583,25 @@ def _compat_grad_rows_kernel(
     log_tt = tl.where(has_t, tl.log(tl.load(c + C_S_TT)), 0.0)
     _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, log_st * LOG2E,
               log_s1 * LOG2E, ts, log_tt * LOG2E, c_kl, c_ce, inv_t * LOG2E, BLOCK_V, HAS_NEW,
-              HAS_CE, HAS_KL)
+              HAS_CE, HAS_KL, PEEL)
 
 
 @triton.jit
-def _scale_rows_kernel(g_ptr, g_sb, g_st, go_ptr, T_LEN, V, PER_ROW: tl.constexpr, BLOCK_V: tl.constexpr):
+def _scale_block(g_row, cols, go, lim, TAIL: tl.constexpr, ALIGNED: tl.constexpr):
+    if TAIL:
+        cm = cols < lim
+        g = tl.load(g_row + cols, mask=cm).to(tl.float32)
+        tl.store(g_row + cols, (g * go).to(g_row.dtype.element_ty), mask=cm)
+    else:
+        g = tl.load(_at(g_row, cols, ALIGNED)).to(tl.float32)
+        tl.store(_at(g_row, cols, ALIGNED), (g * go).to(g_row.dtype.element_ty))
+
+
+@triton.jit
+def _scale_rows_kernel(g_ptr, g_sb, g_st, go_ptr, T_LEN, V, PER_ROW: tl.constexpr,
+                       BLOCK_V: tl.constexpr, PEEL: tl.constexpr):
+    """g[row] *= go (per row or one value): the masked head (PEEL, as `_stream_row`), an aligned
+    main loop without masks, the masked tail. Reads and writes V * e_g per row."""
     row = tl.program_id(0).to(tl.int64)
     if PER_ROW:
         go = tl.load(go_ptr + row)
@@ -536,16 +610,50 @@ def _scale_rows_kernel(g_ptr, g_sb, g_st, go_ptr, T_LEN, V, PER_ROW: tl.constexp
     # an upstream gradient of exactly 1 (the usual loss.backward()) costs no pass over the row
     v_end = tl.where(go == 1.0, 0, V)
     g_row = g_ptr + (row // T_LEN) * g_sb + (row % T_LEN) * g_st
-    for start in range(0, v_end, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        cm = cols < V
-        g = tl.load(g_row + cols, mask=cm).to(tl.float32)
-        tl.store(g_row + cols, (g * go).to(g_ptr.dtype.element_ty), mask=cm)
+    lanes = tl.arange(0, BLOCK_V)
+    h = 0
+    if PEEL:
+        h = tl.minimum(_peel(g_row), v_end)
+        _scale_block(g_row, lanes, go, h, True, False)
+    n_main = (v_end - h) // BLOCK_V
+    for i in range(n_main):
+        _scale_block(g_row, h + i * BLOCK_V + lanes, go, v_end, False, PEEL)
+    _scale_block(g_row, h + n_main * BLOCK_V + lanes, go, v_end, True, False)
 
 
 def _on_device_of(t: torch.Tensor):
     """Launch on ``t``'s GPU, whichever device is current (Triton launches on the current one)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def needs_peel(*rows: torch.Tensor) -> bool:
+    """Whether the streaming kernels take their head peel (PEEL) over these [B, T, V] tensors
+    (the student first; unit stride on V).
+
+    False when Triton's binder already knows every row starts on 16 bytes (every data pointer a
+    multiple of 16 and every row stride of 16 elements: its divisibility specialisation), and
+    False when no single peel aligns them all: the kernel peels h = the student row's columns
+    before its first 16-byte boundary, and a main-loop block is claimed aligned in every row, so
+    every row read or written must be 16-byte aligned at column h too. The row start's offset
+    modulo 16 bytes repeats with period 16 in b and t, so 16 x 16 rows decide it for all rows.
+    """
+    if all(r.data_ptr() % 16 == 0 and r.stride(0) % 16 == 0 and r.stride(1) % 16 == 0
+           for r in rows):
+        return False
+    z = rows[0]
+    B, T = z.shape[0], z.shape[1]
+    for b in range(min(B, 16)):
+        for t in range(min(T, 16)):
+            start = z.data_ptr() + (b * z.stride(0) + t * z.stride(1)) * z.element_size()
+            head_bytes = -start % 16
+            if head_bytes % z.element_size():
+                return False
+            h = head_bytes // z.element_size()
+            for r in rows[1:]:
+                col_h = r.data_ptr() + (b * r.stride(0) + t * r.stride(1) + h) * r.element_size()
+                if col_h % 16:
+                    return False
+    return True
 
 
 def single_block(vocab: int) -> bool:
@@ -633,6 +741,7 @@ def compat_loss_triton(
     single, block = _blocks(V)
     w = new_logits if new_logits is not None else old_logits
     g = grad if grad is not None else logits
+    peel = not single and needs_peel(logits, old_logits, w, g)
     with _on_device_of(logits):
         _compat_loss_kernel[(n,)](
             logits, logits.stride(0), logits.stride(1),
@@ -644,7 +753,7 @@ def compat_loss_triton(
             HAS_NEW=new_logits is not None, MASK_MODE=int(mask_mode),
             OLD_AT_ONE=bool(old_label_logprob or mask_mode == MaskMode.TOKEN_LIKELIHOOD),
             HAS_GRAD=grad is not None, HAS_KL=kl_weight != 0, HAS_CE=ce_weight != 0,
-            SINGLE_BLOCK=single, BLOCK_V=block, num_warps=_warps(block, single),
+            SINGLE_BLOCK=single, BLOCK_V=block, PEEL=peel, num_warps=_warps(block, single),
         )
     return out
 
@@ -679,7 +788,7 @@ def compat_partials_triton(
             labels, out,
             T, V, float(inv_temperature), int(ignore_index),
             HAS_NEW=new_logits is not None, OLD_AT_ONE=bool(old_at_one),
-            BLOCK_V=block, num_warps=_warps(block, False),
+            BLOCK_V=block, PEEL=needs_peel(logits, old_logits, w), num_warps=_warps(block, False),
         )
     return out
 
@@ -719,7 +828,8 @@ def compat_grad_rows_triton(
             labels, consts,
             T, V, float(inv_temperature),
             HAS_NEW=new_logits is not None, HAS_KL=bool(has_kl), HAS_CE=bool(has_ce),
-            BLOCK_V=block, num_warps=_warps(block, False),
+            BLOCK_V=block, PEEL=needs_peel(logits, old_logits, w, grad),
+            num_warps=_warps(block, False),
         )
 
 
@@ -733,5 +843,6 @@ def scale_rows_triton(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     with _on_device_of(grad):
         _scale_rows_kernel[(B * T,)](
             grad, grad.stride(0), grad.stride(1), go, T, V,
-            PER_ROW=grad_output.dim() > 0, BLOCK_V=block, num_warps=_warps(block, False),
+            PER_ROW=grad_output.dim() > 0, BLOCK_V=block, PEEL=needs_peel(grad),
+            num_warps=_warps(block, False),
         )
