@@ -227,11 +227,14 @@ def test_trainer_fused_and_materialised_agree(llama_parts, tmp_path):
 
 
 def test_default_chunk_from_budget():
-    cpu = torch.device("cpu")
-    for v in (32000, 128256, 262144):  # three models' fp32 chunk logits within the budget
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for v in (32000, 43690):  # three models' fp32 chunk logits within the CPU budget
         c = train_chunk_size(v, cpu)
         assert c * 3 * 4 * v <= 32 << 20 < (c + 1) * 3 * 4 * v, (v, c)
-    assert train_chunk_size(1 << 20, cpu) == 8  # the floor
+    for v in (43691, 128256, 1 << 20):  # the floor: 64 tokens, whatever the vocabulary
+        assert train_chunk_size(v, cpu) == 64, v
+    c = train_chunk_size(128256, cuda)  # the CUDA budget still decides at Llama 3's vocabulary
+    assert c * 3 * 4 * 128256 <= 256 << 20 < (c + 1) * 3 * 4 * 128256 and c > 64
     assert train_chunk_size(VOCAB, cpu) > 10_000
 
 

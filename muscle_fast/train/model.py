@@ -42,16 +42,21 @@ __all__ = [
 
 #: Budget of one chunk's float32 logits (student + both teachers) in the fused training loss.
 #: On the CPU it keeps a step's peak at or under 1/8 of the materialised step's at 4096 tokens,
-#: V=32000 (benchmarks/results/train_memory_cpu.csv); on CUDA larger chunks keep the GEMMs busy.
+#: V=32000 (benchmarks/results/train_memory_cpu.jsonl); on CUDA larger chunks keep the GEMMs busy.
 TRAIN_CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
-_MIN_CHUNK = 8
+#: Fewest tokens a chunk has. Each chunk's head GEMMs read (and pack) the whole [V, H] head
+#: weight again, a cost per chunk that does not shrink with the chunk, so a chunk of few tokens
+#: pays it for little work: at V=128256 a 21-token chunk made the step 1.10-1.20x the
+#: materialised one, 43-128 tokens 0.92-0.98x (benchmarks/NOTES.md, "Training step").
+MIN_CHUNK_TOKENS = 64
 
 
 def train_chunk_size(vocab: int, device: torch.device) -> int:
     """Tokens per chunk of the fused training loss: three models' fp32 chunk logits fit
-    ``TRAIN_CHUNK_BYTES`` (at least 8 tokens: the budget holds up to V = 350k on the CPU)."""
+    ``TRAIN_CHUNK_BYTES``, but at least ``MIN_CHUNK_TOKENS`` (the budget decides up to V = 43690
+    on the CPU, 349525 on CUDA; above that a chunk is 64 tokens and its logits 768 B x V)."""
     budget = TRAIN_CHUNK_BYTES.get(torch.device(device).type, TRAIN_CHUNK_BYTES["cuda"])
-    return max(_MIN_CHUNK, budget // (3 * 4 * max(int(vocab), 1)))
+    return max(MIN_CHUNK_TOKENS, budget // (3 * 4 * max(int(vocab), 1)))
 
 
 @dataclass
