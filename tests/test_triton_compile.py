@@ -40,6 +40,8 @@ VARIANTS = [
     ("partials", 32001, "bf16", "muscle", False, {}),
     ("grad_rows", 32001, "bf16", "muscle", True, {"has_ce": True}),
     ("scale", 32001, "bf16", "-", True, {}),
+    ("row", 8191, "bf16", "muscle", True, {}),
+    ("row", 4095, "fp32", "old_correct", False, {}),
 ]
 
 SCRIPT = r"""
@@ -112,3 +114,17 @@ def test_row_loads_are_vectorised(compiled, name):
     assert r["vector_loads"] >= 1
     if r["V"] % (8 if r["dtype"] != "fp32" else 4) == 0:
         assert r["loads_16bit"] <= 2
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, id=n) for n in NAMES
+                                  if n.startswith("row-") and int(n.split("-V")[1].split("-")[0])
+                                  <= 8192 and int(n.split("-V")[1].split("-")[0]) % 2])
+def test_one_block_odd_rows_are_vectorised(compiled, name):
+    """A row kept in one block (V <= 8192) of odd length: its aligned middle is read with
+    vector loads and only its head and tail (at most 7 + 7 columns, one small block) and the
+    label logits element by element; unpeeled, every row load of such a row is element-wide
+    (49 loads a thread at V=8191, bf16, muscle)."""
+    r = compiled[name]
+    assert r["single_block"] in (True, "True")
+    assert r["vector_loads"] >= 3
+    assert r["scalar_loads"] <= 6

@@ -96,10 +96,22 @@ class _AlignmentRecorder:
 def recorder(monkeypatch):
     rec = _AlignmentRecorder()
     monkeypatch.setattr(triton_ops, "_at", rec)
-    # the loop path on small rows: several main-loop iterations per row
-    monkeypatch.setattr(triton_ops, "MAX_FUSED_BLOCK_V", 16)
-    monkeypatch.setattr(triton_ops, "LOOP_BLOCK_V", 16)
     return rec
+
+
+@pytest.fixture(params=["loop", "one_block"])
+def block_path(request, monkeypatch):
+    """The row kernel's loop path on small rows (several main-loop iterations a row), or its
+    one-block path (the row kept in registers, its lanes rotated by the peel)."""
+    if request.param == "loop":
+        monkeypatch.setattr(triton_ops, "MAX_FUSED_BLOCK_V", 16)
+        monkeypatch.setattr(triton_ops, "LOOP_BLOCK_V", 16)
+    return request.param
+
+
+@pytest.fixture
+def loop_blocks(monkeypatch):
+    monkeypatch.setattr(triton_ops, "LOOP_BLOCK_V", 16)
 
 
 def _inputs(B, T, V, dtype, offsets, seed=0):
@@ -121,7 +133,7 @@ def _inputs(B, T, V, dtype, offsets, seed=0):
                          ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("V,offset", [(75, 0), (77, 0), (77, 3), (64, 5), (16, 1), (3, 0)])
 @pytest.mark.parametrize("mask", ["muscle", "old_correct"])
-def test_peeled_rows_are_right_and_claims_aligned(recorder, dtype, V, offset, mask):
+def test_peeled_rows_are_right_and_claims_aligned(recorder, block_path, dtype, V, offset, mask):
     """Rows that start anywhere mod 16 bytes: an odd V on fresh tensors (the usual case: every
     row its own phase), and views `offset` elements into their storage (the student a non-leaf
     view taking the gradient in place, so that its rows and the gradient's share a phase). The
@@ -155,13 +167,13 @@ def test_peeled_rows_are_right_and_claims_aligned(recorder, dtype, V, offset, ma
     for name in ("frac_to_old", "acc_student", "kl_old", "ce"):
         assert_pass_rule(getattr(stats, name), getattr(stats_t, name), getattr(stats64, name),
                          dtype, name)
-    if V >= 2 * 16 + 8:  # rows long enough for a main-loop iteration after the head
+    if V >= 2 * 16 + 8 or block_path == "one_block":  # a main loop runs / the vector part
         recorder.check()
     else:
         assert all(a % 16 == 0 for a in recorder.claims)
 
 
-def test_inconsistent_rows_take_no_peel(recorder):
+def test_inconsistent_rows_take_no_peel(recorder, block_path):
     """A bf16 student whose rows start on other 16-byte phases than its fp32 teacher's: no one
     peel aligns both, so no block is claimed aligned, and the values are still right."""
     (z,), labels = _inputs(2, 5, 77, torch.bfloat16, [1])
@@ -182,7 +194,7 @@ def test_inconsistent_rows_take_no_peel(recorder):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-def test_vocab_parallel_kernels_peel(recorder, dtype):
+def test_vocab_parallel_kernels_peel(recorder, loop_blocks, dtype):
     """The partials and gradient-rows kernels on an odd column slice [3, 80) of V=83 (the
     slice's rows start 3 columns into rows of 83): against their float64 torch versions."""
     from muscle_fast.ops.compat_loss.contract import N_ROW_CONSTS
@@ -217,7 +229,7 @@ def test_vocab_parallel_kernels_peel(recorder, dtype):
     recorder.check()
 
 
-def test_scale_rows_peel(recorder):
+def test_scale_rows_peel(recorder, loop_blocks):
     """The scaling kernel on rows of 77 bf16 columns from an odd offset: exact products."""
     g = _layout((2, 3, 77), torch.bfloat16, 3, 0)
     g.copy_(torch.randn(2, 3, 77).to(torch.bfloat16))

@@ -92,18 +92,27 @@ def _lanes_step(z, o, w, cols, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw
 
 
 @triton.jit
-def _lanes_max(m, arg):
+def _lanes_max(m, arg, m2, arg2, TWO: tl.constexpr):
     """Row max, first argmax (the lowest column among the lanes holding the max) and the
-    reference the sums are taken against (0 for a row that is -inf everywhere)."""
+    reference the sums are taken against (0 for a row that is -inf everywhere); TWO: over the
+    lanes of two blocks (m, arg) and (m2, arg2)."""
     best = tl.max(m, 0)
+    if TWO:
+        best = tl.maximum(best, tl.max(m2, 0))
     arg = tl.min(tl.where(m == best, arg, 2147483647), 0)
+    if TWO:
+        arg = tl.minimum(arg, tl.min(tl.where(m2 == best, arg2, 2147483647), 0))
     return best, arg, tl.where(best == NEG_INF, 0.0, best)
 
 
 @triton.jit
-def _lanes_sum(s, m, ref, c):
-    """A sum over the row from lane sums relative to the lane maxima m (exp2 scale c)."""
-    return tl.sum(s * tl.exp2((m - ref) * c), 0)
+def _lanes_sum(s, m, s2, m2, ref, c, TWO: tl.constexpr):
+    """A sum over the row from lane sums relative to the lane maxima m (exp2 scale c); TWO: the
+    lanes of two blocks."""
+    total = tl.sum(s * tl.exp2((m - ref) * c), 0)
+    if TWO:
+        total += tl.sum(s2 * tl.exp2((m2 - ref) * c), 0)
+    return total
 
 
 @triton.jit
@@ -123,6 +132,33 @@ def _at(row, cols, ALIGNED: tl.constexpr):
     if ALIGNED:
         ptrs = tl.multiple_of(ptrs, [16])
     return ptrs
+
+
+# A row kept in one block with PEEL: its aligned middle, columns [h, h + n_vec) (n_vec a multiple
+# of 8), in the [SUB] block's lanes 0.. (vector loads), and the rest, the head [0, h) and the tail
+# [h + n_vec, V) (at most 7 + 7 columns), in a [REST] block (element loads).
+REST = tl.constexpr(16)
+
+
+@triton.jit
+def _one_block_cols(z_row, V, SUB: tl.constexpr):
+    """(h, n_vec, middle's columns [SUB], rest's columns [REST]) of a peeled one-block row."""
+    h = _peel(z_row)
+    n_vec = tl.where(V > h, (V - h) // 8 * 8, 0)
+    r = tl.arange(0, REST)
+    return h, n_vec, h + tl.arange(0, SUB), tl.where(r < h, r, r + n_vec)
+
+
+@triton.jit
+def _one_block_state(z, o, w, cols):
+    """Per-lane statistics of a block holding one column a lane: each lane's max is its value,
+    its sums 1 (0 where -inf), its KL partial the teacher's logit minus the student's."""
+    zero = tl.zeros_like(z)
+    zs = tl.where(z == NEG_INF, 0.0, 1.0)
+    os_ = tl.where(o == NEG_INF, 0.0, 1.0)
+    ws = tl.where(w == NEG_INF, 0.0, 1.0)
+    return (z, cols, zs, zs, o, cols, os_, tl.where(o == NEG_INF, zero, o - z), os_,
+            w, cols, ws, tl.where(w == NEG_INF, zero, w - z))
 
 
 @triton.jit
@@ -163,30 +199,41 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
     """Statistics of one row over columns [0, v_lim): maxima, first argmax, exp sums relative to
     the maxima (student at T and 1, teachers at T, old at 1 with OLD_AT_ONE), teacher KL partials.
 
-    SINGLE_BLOCK: the row is one [SUB] block, kept and returned (z, o, w) for the gradient.
-    Otherwise two [SUB] blocks a loop iteration, every row load at its top: an aligned main loop
-    without masks over whole iterations, then one masked iteration for the tail. PEEL (rows not
+    SINGLE_BLOCK: the row is one [SUB] block, kept and returned (z, o, w) for the gradient; with
+    PEEL, the row's aligned middle in that block (vector loads) and its head and tail in a [REST]
+    block (zr, orr, wr), returned too (`_one_block_cols`). Otherwise two [SUB] blocks a loop
+    iteration, every row load at its top: an aligned main loop without masks over whole
+    iterations, then one masked iteration for the tail. PEEL (rows not
     known to start on 16 bytes, e.g. an odd V): first the h < 16/e columns before the student
     row's first 16-byte boundary, masked, so that the main loop starts on it and keeps vector
     loads. Every lane still visits its columns in increasing order (head, main loop, tail).
     """
     lanes = tl.arange(0, SUB)  # [SUB]
     c_t = inv_t * LOG2E
+    TWO: tl.constexpr = SINGLE_BLOCK and PEEL
     if SINGLE_BLOCK:
-        cm = lanes < v_lim
-        z = tl.load(z_row + lanes, mask=cm, other=NEG_INF).to(tl.float32)
-        o = tl.load(o_row + lanes, mask=cm, other=NEG_INF).to(tl.float32)
-        w = o
-        if HAS_NEW:
-            w = tl.load(w_row + lanes, mask=cm, other=NEG_INF).to(tl.float32)
-        # one column per lane: each lane's max is its value, its sums 1 (0 where -inf)
-        zero = tl.zeros([SUB], tl.float32)
-        zs = tl.where(z == NEG_INF, 0.0, 1.0)
-        os_ = tl.where(o == NEG_INF, 0.0, 1.0)
-        ws = tl.where(w == NEG_INF, 0.0, 1.0)
-        zm, za, zst, zs1 = z, lanes, zs, zs
-        om, oa, so, ao, so1 = o, lanes, os_, tl.where(o == NEG_INF, zero, o - z), os_
-        wm, wa, sw, aw = w, lanes, ws, tl.where(w == NEG_INF, zero, w - z)
+        if PEEL:
+            h, n_vec, cols, rcols = _one_block_cols(z_row, V, SUB)
+            mid = lanes < tl.where(v_lim > 0, n_vec, 0)  # nothing of an ignored row
+            z = tl.load(_at(z_row, cols, True), mask=mid, other=NEG_INF).to(tl.float32)
+            o = tl.load(_at(o_row, cols, True), mask=mid, other=NEG_INF).to(tl.float32)
+            zr = _load_block(z_row, rcols, v_lim, True, False)
+            orr = _load_block(o_row, rcols, v_lim, True, False)
+            w = o
+            wr = orr
+            if HAS_NEW:
+                w = tl.load(_at(w_row, cols, True), mask=mid, other=NEG_INF).to(tl.float32)
+                wr = _load_block(w_row, rcols, v_lim, True, False)
+            (zm2, za2, zst2, zs12, om2, oa2, so2, ao2, so12, wm2, wa2, sw2,
+             aw2) = _one_block_state(zr, orr, wr, rcols)
+        else:
+            cols = lanes
+            z = _load_block(z_row, cols, v_lim, True, False)
+            o = _load_block(o_row, cols, v_lim, True, False)
+            w = o
+            if HAS_NEW:
+                w = _load_block(w_row, cols, v_lim, True, False)
+        zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _one_block_state(z, o, w, cols)
     else:
         zm = tl.full([SUB], NEG_INF, tl.float32)
         za = tl.zeros([SUB], tl.int32)
@@ -215,24 +262,29 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
         z = zm  # unused without SINGLE_BLOCK
         o = zm
         w = zm
-    zb, z_arg, zref = _lanes_max(zm, za)
-    s_st = _lanes_sum(zst, zm, zref, c_t)
-    s_s1 = _lanes_sum(zs1, zm, zref, LOG2E)
-    ob, o_arg, oref = _lanes_max(om, oa)
-    s_o = _lanes_sum(so, om, oref, c_t)
-    a_o = _lanes_sum(ao, om, oref, c_t)
+    if not TWO:  # no second block: its names stand for the first (unused)
+        zr, orr, wr, rcols = zm, zm, zm, za
+        zm2, za2, zst2, zs12, om2, oa2, so2, ao2, so12, wm2, wa2, sw2, aw2 = (
+            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw)
+    zb, z_arg, zref = _lanes_max(zm, za, zm2, za2, TWO)
+    s_st = _lanes_sum(zst, zm, zst2, zm2, zref, c_t, TWO)
+    s_s1 = _lanes_sum(zs1, zm, zs12, zm2, zref, LOG2E, TWO)
+    ob, o_arg, oref = _lanes_max(om, oa, om2, oa2, TWO)
+    s_o = _lanes_sum(so, om, so2, om2, oref, c_t, TWO)
+    a_o = _lanes_sum(ao, om, ao2, om2, oref, c_t, TWO)
     s_o1 = 0.0
     if OLD_AT_ONE:
-        s_o1 = _lanes_sum(so1, om, oref, LOG2E)
+        s_o1 = _lanes_sum(so1, om, so12, om2, oref, LOG2E, TWO)
     wb = tl.full([], NEG_INF, tl.float32)
     w_arg = tl.full([], 0, tl.int32)
     s_w = tl.full([], 0.0, tl.float32)
     a_w = s_w
     if HAS_NEW:
-        wb, w_arg, wref = _lanes_max(wm, wa)
-        s_w = _lanes_sum(sw, wm, wref, c_t)
-        a_w = _lanes_sum(aw, wm, wref, c_t)
-    return zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o, w
+        wb, w_arg, wref = _lanes_max(wm, wa, wm2, wa2, TWO)
+        s_w = _lanes_sum(sw, wm, sw2, wm2, wref, c_t, TWO)
+        a_w = _lanes_sum(aw, wm, aw2, wm2, wref, c_t, TWO)
+    return (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o, w, zr,
+            orr, wr)
 
 
 @triton.jit
@@ -258,6 +310,17 @@ def _cols_mask(cols, lim, TAIL: tl.constexpr):
     if TAIL:
         return cols < lim
     return (tl.zeros_like(cols) + lim) > 0
+
+
+@triton.jit
+def _one_block_grad(z, o, w, cols, use_old, use_new, active, y, zs, l2_st, l2_s1, ts, l2_tt, c_t,
+                    c_ce, k2, HAS_NEW: tl.constexpr, HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
+    """The gradient of a block kept in registers (zeros for an ignored row)."""
+    tt = tl.where(use_old, o, NEG_INF)
+    if HAS_NEW:
+        tt = tl.where(use_new, w, tt)
+    g = _grad_block(z, tt, cols, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
+    return tl.where(active, g, 0.0)
 
 
 @triton.jit
@@ -379,9 +442,9 @@ def _compat_loss_kernel(
     y_ok = (y >= 0) & (y < V)
     SUB: tl.constexpr = BLOCK_V if SINGLE_BLOCK else BLOCK_V // 2
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
-    (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o,
-     w) = _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB, HAS_NEW, OLD_AT_ONE,
-                      SINGLE_BLOCK, PEEL)
+    (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o, w, zr, orr,
+     wr) = _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB, HAS_NEW, OLD_AT_ONE,
+                       SINGLE_BLOCK, PEEL)
     # the label's logits: one in-range element each (never an address from an unchecked label)
     y_at = tl.where(y_ok, y, 0)
     z_y = tl.load(z_row + y_at, mask=active & y_ok, other=0.0).to(tl.float32)
@@ -463,14 +526,20 @@ def _compat_loss_kernel(
         l2_tt = log_tt * LOG2E
         g_row = g_ptr + b * g_sb + t * g_st
         if SINGLE_BLOCK:
-            cols0 = tl.arange(0, SUB)
-            tt = tl.where(use_old, o, NEG_INF)
-            if HAS_NEW:
-                tt = tl.where(use_new, w, tt)
-            g = _grad_block(z, tt, cols0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2,
-                            HAS_CE, HAS_KL)
-            g = tl.where(active, g, 0.0)
-            tl.store(g_row + cols0, g.to(g_ptr.dtype.element_ty), mask=cols0 < V)
+            g_ty = g_ptr.dtype.element_ty
+            if PEEL:  # the aligned middle (vector stores), then the head and tail
+                h, n_vec, cols, rcols = _one_block_cols(z_row, V, SUB)
+                g = _one_block_grad(z, o, w, cols, use_old, use_new, active, y, zs, l2_st,
+                                    l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_NEW, HAS_CE, HAS_KL)
+                tl.store(_at(g_row, cols, True), g.to(g_ty), mask=tl.arange(0, SUB) < n_vec)
+                gr = _one_block_grad(zr, orr, wr, rcols, use_old, use_new, active, y, zs, l2_st,
+                                     l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_NEW, HAS_CE, HAS_KL)
+                tl.store(g_row + rcols, gr.to(g_ty), mask=rcols < V)
+            else:
+                cols = tl.arange(0, SUB)
+                g = _one_block_grad(z, o, w, cols, use_old, use_new, active, y, zs, l2_st,
+                                    l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_NEW, HAS_CE, HAS_KL)
+                tl.store(g_row + cols, g.to(g_ty), mask=cols < V)
         else:
             # only the selected teacher's row is read again
             _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st,
@@ -503,7 +572,7 @@ def _compat_partials_kernel(
     active = y != ignore_index
     own = (y >= 0) & (y < V)
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
-    (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, _, _,
+    (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, _, _, _, _, _,
      _) = _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, BLOCK_V // 2, HAS_NEW, OLD_AT_ONE,
                       False, PEEL)
     y_at = tl.where(own, y, 0)
@@ -741,7 +810,7 @@ def compat_loss_triton(
     single, block = _blocks(V)
     w = new_logits if new_logits is not None else old_logits
     g = grad if grad is not None else logits
-    peel = not single and needs_peel(logits, old_logits, w, g)
+    peel = needs_peel(logits, old_logits, w, g)
     with _on_device_of(logits):
         _compat_loss_kernel[(n,)](
             logits, logits.stride(0), logits.stride(1),
