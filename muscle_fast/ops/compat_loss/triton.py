@@ -203,10 +203,10 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
     PEEL, the row's aligned middle in that block (vector loads) and its head and tail in a [REST]
     block (zr, orr, wr), returned too (`_one_block_cols`). Otherwise two [SUB] blocks a loop
     iteration, every row load at its top: an aligned main loop without masks over whole
-    iterations, then one masked iteration for the tail. PEEL (rows not
-    known to start on 16 bytes, e.g. an odd V): first the h < 16/e columns before the student
-    row's first 16-byte boundary, masked, so that the main loop starts on it and keeps vector
-    loads. Every lane still visits its columns in increasing order (head, main loop, tail).
+    iterations, then one masked iteration for the tail. PEEL (rows not known to start on 16
+    bytes, e.g. an odd V): first the h < 16/e columns before the student row's first 16-byte
+    boundary, masked, so that the main loop starts on it and keeps vector loads. Every lane
+    still visits its columns in increasing order (head, main loop, tail).
     """
     lanes = tl.arange(0, SUB)  # [SUB]
     c_t = inv_t * LOG2E
