@@ -576,8 +576,8 @@ def run_case(case: Case, peers: List[Peer], s: Settings) -> List[dict]:
         grad = case.mode == "full"
         gc.collect()
 
-        def setup():
-            if peer.inplace:  # the call overwrites the logits: give it a fresh copy
+        def setup(inputs=inputs, inplace=peer.inplace):  # bound now: `inputs` is deleted below
+            if inplace:  # the call overwrites the logits: give it a fresh copy
                 return dict(inputs, z=inputs["z"].clone())
             return inputs
 
