@@ -12,8 +12,10 @@ from muscle_fast.train.demo import (
     COMPAT_ROWS,
     DEFAULT_SEEDS,
     OPS,
+    V2,
     DemoConfig,
     _op,
+    corpus_floor,
     _seed_list,
     add_demo_arguments,
     demo_main,
@@ -35,6 +37,15 @@ def test_demo_task_and_update():
     assert all(mix1[o] > 0 for o in OPS)
     assert [o for o in OPS if mix2[o] == 0] == ["max", "min"]
     assert mix2 != mix1
+    # v1 has a fixed budget; v2 pre-trains until converged on its own corpus
+    assert cfg.v1.converge_tol is None and cfg.v2.converge_tol is not None
+
+
+def test_corpus_floor():
+    # v2's mix: first, last 1/6 each, add, add2 1/3 each; three uniform digits; 7 tokens
+    items = [("first", 1, 2, 3), ("add", 4, 5, 6)]
+    want = (math.log(6) + math.log(3) + 6 * math.log(10)) / 14
+    assert math.isclose(corpus_floor(V2, items), want)
 
 
 def test_demo_splits_are_disjoint():
@@ -109,6 +120,18 @@ def test_demo_quick(tmp_path):
     for name in ("v1", "v2"):  # kept at the best validation loss seen
         info = d["task_adapters"][name]
         assert info["best_val_loss"] == min(v for _, v in info["val_curve"])
+        assert info["steps_run"] <= DemoConfig.quick().task_max_steps
+        assert all(0 < r <= info["steps_run"] for r in info["restarts_at"])
+    b = d["bases"]["v2"]  # the checkpoint kept has the lowest held-out pre-training loss
+    assert b["held_out_loss"] == min(v for _, v in b["held_out_curve"])
+    assert b["steps_run"] <= DemoConfig.quick().v2.steps and b["floor"] > 0
+    c = d["checks"]  # the setting's per-seed conditions, also in the summary
+    assert r["summary"]["checks"] == [{"seed": 3, **c}]
+    assert c["v2_better"] == (v2 > v1) and c["n_test_ge_3000"] is False
+    assert c["negative_flips_ge_100"] == (m["v2"]["n_negative_flips"] >= 100)
+    assert c["ce_control_val_loss"] == d["val_loss_after_compat"]["ce_control"]
+    assert c["v2_adapter_best_val_loss"] == d["task_adapters"]["v2"]["best_val_loss"]
+    assert c["adapter_converged"] == (c["ce_control_val_loss"] >= c["v2_adapter_best_val_loss"])
     assert d["n_train"] + d["n_val"] == DemoConfig.quick().n_pool
     for row in COMPAT_ROWS:
         log = d["train_log"][row]
