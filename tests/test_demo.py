@@ -12,12 +12,18 @@ from muscle_fast.train.demo import (
     COMPAT_ROWS,
     DEFAULT_SEEDS,
     OPS,
+    V1,
     V2,
     DemoConfig,
+    _corpus_items,
+    _encode,
+    _encode_pretrain,
     _op,
-    corpus_floor,
+    _pretrain_text,
     _seed_list,
     add_demo_arguments,
+    build_tokenizer,
+    corpus_floor,
     demo_main,
     split_items,
     summarize,
@@ -39,6 +45,27 @@ def test_demo_task_and_update():
     assert mix2 != mix1
     # v1 has a fixed budget; v2 pre-trains until converged on its own corpus
     assert cfg.v1.converge_tol is None and cfg.v2.converge_tol is not None
+
+
+def test_corpus_items_and_ids_are_the_plain_calls():
+    """The fast pre-training batch: the same draws as rng.choice(p=...) + rng.integers, and the
+    same ids as the tokenizer (so bases, and every number, are unchanged)."""
+    import numpy as np
+    import torch
+
+    tok = build_tokenizer()
+    for spec in (V1, V2):
+        ops = [o for o, w in spec.mix if w > 0]
+        p = np.array([w for _, w in spec.mix if w > 0], dtype=float)
+        p /= p.sum()
+        r1, r2 = np.random.default_rng(802), np.random.default_rng(802)
+        for _ in range(5):
+            want = [(ops[r1.choice(len(ops), p=p)], *map(int, r1.integers(0, 10, 3)))
+                    for _ in range(64)]
+            got = _corpus_items(r2, spec, 64)
+            assert got == want
+            assert torch.equal(_encode_pretrain(tok, got),
+                               _encode(tok, [_pretrain_text(it) for it in want]))
 
 
 def test_corpus_floor():
