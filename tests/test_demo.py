@@ -12,10 +12,18 @@ from muscle_fast.train.demo import (
     COMPAT_ROWS,
     DEFAULT_SEEDS,
     OPS,
+    V1,
+    V2,
     DemoConfig,
+    _corpus_items,
+    _encode,
+    _encode_pretrain,
     _op,
+    _pretrain_text,
     _seed_list,
     add_demo_arguments,
+    build_tokenizer,
+    corpus_floor,
     demo_main,
     split_items,
     summarize,
@@ -35,6 +43,36 @@ def test_demo_task_and_update():
     assert all(mix1[o] > 0 for o in OPS)
     assert [o for o in OPS if mix2[o] == 0] == ["max", "min"]
     assert mix2 != mix1
+    # v1 has a fixed budget; v2 pre-trains until converged on its own corpus
+    assert cfg.v1.converge_tol is None and cfg.v2.converge_tol is not None
+
+
+def test_corpus_items_and_ids_are_the_plain_calls():
+    """The fast pre-training batch: the same draws as rng.choice(p=...) + rng.integers, and the
+    same ids as the tokenizer (so bases, and every number, are unchanged)."""
+    import numpy as np
+    import torch
+
+    tok = build_tokenizer()
+    for spec in (V1, V2):
+        ops = [o for o, w in spec.mix if w > 0]
+        p = np.array([w for _, w in spec.mix if w > 0], dtype=float)
+        p /= p.sum()
+        r1, r2 = np.random.default_rng(802), np.random.default_rng(802)
+        for _ in range(5):
+            want = [(ops[r1.choice(len(ops), p=p)], *map(int, r1.integers(0, 10, 3)))
+                    for _ in range(64)]
+            got = _corpus_items(r2, spec, 64)
+            assert got == want
+            assert torch.equal(_encode_pretrain(tok, got),
+                               _encode(tok, [_pretrain_text(it) for it in want]))
+
+
+def test_corpus_floor():
+    # v2's mix: first, last 1/6 each, add, add2 1/3 each; three uniform digits; 7 tokens
+    items = [("first", 1, 2, 3), ("add", 4, 5, 6)]
+    want = (math.log(6) + math.log(3) + 6 * math.log(10)) / 14
+    assert math.isclose(corpus_floor(V2, items), want)
 
 
 def test_demo_splits_are_disjoint():
@@ -109,6 +147,18 @@ def test_demo_quick(tmp_path):
     for name in ("v1", "v2"):  # kept at the best validation loss seen
         info = d["task_adapters"][name]
         assert info["best_val_loss"] == min(v for _, v in info["val_curve"])
+        assert info["steps_run"] <= DemoConfig.quick().task_max_steps
+        assert all(0 < r <= info["steps_run"] for r in info["restarts_at"])
+    b = d["bases"]["v2"]  # the checkpoint kept has the lowest held-out pre-training loss
+    assert b["held_out_loss"] == min(v for _, v in b["held_out_curve"])
+    assert b["steps_run"] <= DemoConfig.quick().v2.steps and b["floor"] > 0
+    c = d["checks"]  # the setting's per-seed conditions, also in the summary
+    assert r["summary"]["checks"] == [{"seed": 3, **c}]
+    assert c["v2_better"] == (v2 > v1) and c["n_test_ge_3000"] is False
+    assert c["negative_flips_ge_100"] == (m["v2"]["n_negative_flips"] >= 100)
+    assert c["ce_control_val_loss"] == d["val_loss_after_compat"]["ce_control"]
+    assert c["v2_adapter_best_val_loss"] == d["task_adapters"]["v2"]["best_val_loss"]
+    assert c["adapter_converged"] == (c["ce_control_val_loss"] >= c["v2_adapter_best_val_loss"])
     assert d["n_train"] + d["n_val"] == DemoConfig.quick().n_pool
     for row in COMPAT_ROWS:
         log = d["train_log"][row]

@@ -3,11 +3,14 @@
 1. Two tiny Llama bases with one shared tokenizer, pre-trained here on a synthetic corpus of
    digit operations (``op a b c = r``). The update is a new pre-training run, not v1 continued:
    v2 has its own initialisation, a new corpus mix (twice as rich in the arithmetic ops ``add``
-   and ``add2``, and without two ops v1 saw, ``max`` and ``min``) and more pre-training compute
-   (1200 vs 450 steps). Bases are cached in the output directory.
+   and ``add2``, and without two ops v1 saw, ``max`` and ``min``) and more pre-training compute:
+   v1 has a fixed budget of 450 steps; v2 trains until its loss on a held-out sample of its own
+   corpus is within 0.01 nats/token of that corpus' entropy floor (checked every 150 steps, at
+   most 1800 steps; pre-training data only). Bases are cached in the output directory.
 2. A downstream task in a format the bases never saw (``Q op a b c A r``), over all six ops; a
    LoRA task adapter is trained on each base on the train split and kept at its best
-   validation loss (as the paper does).
+   validation loss (as the paper does), with early stopping and restarts from the best
+   checkpoint until restarting no longer finds a lower validation loss.
 3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out test items
    disjoint from train and validation: accuracy, negative and positive flips.
 4. Compatibility adapters, each a trainable copy of the v2 task adapter on v2, are trained with
@@ -42,7 +45,7 @@ COMPAT_ROWS = ("muscle", "old_correct", "all_old", "ce_control")
 ROW_NAMES = {"v1": "v1 (old task model)", "v2": "v2 (new task model)",
              "muscle": "MUSCLE (mask=muscle)", "old_correct": "mask=old_correct",
              "all_old": "plain KD (all_old)", "ce_control": "CE control"}
-DEFAULT_SEEDS = (5, 6, 7)  # fixed before any MUSCLE number of this design was seen (DEMO_RESULTS.md)
+DEFAULT_SEEDS = (8, 9, 10)  # design D; fixed before any design was run on them (DEMO_RESULTS.md)
 
 
 def _op(op: str, a: int, b: int, c: int) -> int:
@@ -67,14 +70,20 @@ class BaseSpec:
 
     hidden: int
     intermediate: int
-    steps: int
+    steps: int  # a fixed budget; with ``converge_tol``, the most steps the run may take
     mix: tuple  # ((op, weight), ...); ops with weight 0 never occur in the corpus
     layers: int = 2
     heads: int = 4
+    # None: train exactly ``steps``. A number: every ``check_every`` steps, measure the loss on a
+    # held-out sample of the base's own corpus; stop once it is within ``converge_tol``
+    # nats/token of that sample's entropy floor (the loss of a model that knows every op of
+    # its mix); keep the checkpoint with the lowest held-out loss.
+    converge_tol: float | None = None
+    check_every: int = 150
 
 
 V1 = BaseSpec(hidden=64, intermediate=192, steps=450, mix=tuple((o, 1.0) for o in OPS))
-V2 = BaseSpec(hidden=64, intermediate=192, steps=1200,
+V2 = BaseSpec(hidden=64, intermediate=192, steps=1800, converge_tol=0.01,
               mix=(("first", 1.0), ("last", 1.0), ("max", 0.0), ("min", 0.0), ("add", 2.0),
                    ("add2", 2.0)))
 
@@ -94,9 +103,14 @@ class DemoConfig:
     lora_r: int = 8
     task_batch: int = 64
     task_lr: float = 2e-3
-    task_max_steps: int = 1500
+    task_max_steps: int = 2000
     task_eval_every: int = 25
-    task_patience: int = 6  # evaluations without a new best validation loss before stopping
+    task_patience: int = 8  # evaluations without a new best validation loss: the first phase ends
+    # then: restarts from the best checkpoint with a fresh optimizer (same lr), each
+    # ``task_restart_patience`` evaluations long, until ``task_restarts_without_gain``
+    # restarts in a row find no new best (0: plain early stopping)
+    task_restart_patience: int = 4
+    task_restarts_without_gain: int = 2
     compat_steps: int = 100
     compat_batch: int = 64
     compat_lr: float = 2e-3
@@ -106,8 +120,9 @@ class DemoConfig:
     @classmethod
     def quick(cls, seed: int = 0) -> DemoConfig:
         return cls(seed=seed, v1=replace(V1, hidden=32, intermediate=64, steps=60),
-                   v2=replace(V2, hidden=32, intermediate=64, steps=80), n_pool=320, n_test=256,
-                   task_max_steps=40, task_eval_every=10, task_patience=2, compat_steps=8,
+                   v2=replace(V2, hidden=32, intermediate=64, steps=80, check_every=40),
+                   n_pool=320, n_test=256, task_max_steps=40, task_eval_every=10,
+                   task_patience=2, task_restart_patience=1, compat_steps=8,
                    task_batch=32, compat_batch=32)
 
 
@@ -195,26 +210,89 @@ def _progress(total: int, desc: str, quiet: bool):
     return tqdm(total=total, desc=desc, disable=quiet, leave=False, dynamic_ncols=True)
 
 
-def pretrain_base(spec: BaseSpec, cfg: DemoConfig, tok, seed: int, quiet: bool):
-    """Causal-LM pre-training on the synthetic corpus, ops drawn with the spec's mix."""
-    model = _tiny_llama(spec, len(tok), seed)
-    model.train()
-    rng = np.random.default_rng(seed)
+def _corpus_items(rng: np.random.Generator, spec: BaseSpec, n: int) -> list[tuple]:
+    """n pre-training items, each op drawn with the mix's weights, then its three digits.
+
+    Per item this draws exactly what ``rng.choice(len(ops), p=p)`` followed by
+    ``rng.integers(0, 10, 3)`` draws (one uniform, searched in the normalised cdf), without
+    ``choice``'s per-call argument checks, which cost as much as the rest of the batch."""
     ops = [o for o, w in spec.mix if w > 0]
     p = np.array([w for _, w in spec.mix if w > 0], dtype=float)
     p /= p.sum()
+    cdf = p.cumsum()
+    cdf /= cdf[-1]
+    out = []
+    for _ in range(n):
+        op = ops[int(cdf.searchsorted(rng.random(), side="right"))]
+        out.append((op, *map(int, rng.integers(0, 10, 3))))
+    return out
+
+
+def _encode_pretrain(tok, items: list[tuple]) -> torch.Tensor:
+    """Token ids of the pre-training texts of ``items``: what ``_encode`` gives for
+    ``_pretrain_text`` (every token is a whole word of the vocabulary), without the tokenizer."""
+    vocab = tok.get_vocab()
+    bos, eq, eos = vocab["<bos>"], vocab["="], vocab["<eos>"]
+    digit = [vocab[d] for d in DIGITS]
+    return torch.tensor([[bos, vocab[op], digit[a], digit[b], digit[c], eq, digit[_op(op, a, b, c)],
+                          eos] for op, a, b, c in items], dtype=torch.long)
+
+
+def corpus_floor(spec: BaseSpec, items: list[tuple]) -> float:
+    """The causal-LM loss per predicted token that a model knowing every op of ``spec``'s mix
+    gets on ``items`` (pre-training format): the op token costs -log p(op), each of the three
+    digits log 10, and ``=``, the answer and ``<eos>`` nothing; 7 predicted tokens each."""
+    w = dict(spec.mix)
+    total = sum(w.values())
+    nats = sum(-math.log(w[it[0]] / total) + 3 * math.log(10) for it in items)
+    return nats / (7 * len(items))
+
+
+def pretrain_base(spec: BaseSpec, cfg: DemoConfig, tok, seed: int, quiet: bool):
+    """Causal-LM pre-training on the synthetic corpus, ops drawn with the spec's mix.
+
+    With ``spec.converge_tol``, the run is checked every ``spec.check_every`` steps on a held-out
+    sample of its own corpus (1024 sequences from a separate generator; pre-training data only)
+    and stops once the held-out loss is within ``converge_tol`` of the sample's entropy floor, or
+    after ``spec.steps``; the checkpoint with the lowest held-out loss is returned.
+
+    Returns ``(model, info)``; info = steps run, kept step, the held-out curve, the floor."""
+    model = _tiny_llama(spec, len(tok), seed)
+    model.train()
+    rng = np.random.default_rng(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pre_lr, weight_decay=0.01)
-    bar = _progress(spec.steps, f"pre-train base ({spec.steps} steps)", quiet)
-    for _ in range(spec.steps):
-        batch = [(ops[rng.choice(len(ops), p=p)], *map(int, rng.integers(0, 10, 3)))
-                 for _ in range(cfg.pre_batch)]
-        ids = _encode(tok, [_pretrain_text(it) for it in batch])
+    held = _corpus_items(np.random.default_rng([seed, 7]), spec, 1024)
+    held_ids = _encode(tok, [_pretrain_text(it) for it in held])
+    floor = corpus_floor(spec, held)
+    curve, best = [], None
+    bar = _progress(spec.steps, f"pre-train base (up to {spec.steps} steps)", quiet)
+    step = 0
+    while step < spec.steps:
+        ids = _encode_pretrain(tok, _corpus_items(rng, spec, cfg.pre_batch))
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step(), opt.zero_grad(set_to_none=True)
+        step += 1
         bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
+        if spec.converge_tol is not None and (step % spec.check_every == 0 or step == spec.steps):
+            with torch.no_grad():
+                model.eval()
+                held_loss = float(model(input_ids=held_ids, labels=held_ids).loss)
+                model.train()
+            curve.append((step, held_loss))
+            if best is None or held_loss < best[0]:
+                best = (held_loss, step, {k: v.detach().clone()
+                                          for k, v in model.state_dict().items()})
+            if held_loss - floor <= spec.converge_tol:
+                break
     bar.close()
-    return model.eval()
+    info = {"steps_run": step, "kept_step": step, "held_out_curve": curve, "floor": floor,
+            "converged": None}
+    if best is not None:
+        model.load_state_dict(best[2])
+        info.update(kept_step=best[1], held_out_loss=best[0],
+                    converged=best[0] - floor <= spec.converge_tol)
+    return model.eval(), info
 
 
 @torch.no_grad()
@@ -228,10 +306,16 @@ def _val_loss(model, val_batch: dict) -> float:
 
 def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool, desc: str):
     """A LoRA task adapter trained with cross-entropy on the answer token, evaluated on the
-    validation split every ``task_eval_every`` steps and returned at its best validation loss
-    (early stopping after ``task_patience`` evaluations without a new best).
+    validation split every ``task_eval_every`` steps and returned at its best validation loss.
 
-    Returns ``(model, info)``, info = best step, best validation loss, steps run, the curve."""
+    Early stopping with restarts: the first phase ends after ``task_patience`` evaluations
+    without a new best; then training restarts from the best checkpoint with a fresh AdamW at
+    the same lr (what the CE control row does) for ``task_restart_patience`` evaluations at a
+    time, until ``task_restarts_without_gain`` restarts in a row found no new best, or
+    ``task_max_steps``. Selection uses the validation split only.
+
+    Returns ``(model, info)``, info = best step, best validation loss, steps run, the restarts,
+    the curve."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -246,8 +330,22 @@ def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool
     val_batch = _collate(val)
     best = (_val_loss(model, val_batch), 0, {n: p.detach().clone() for n, p in params.items()})
     curve, since_best, step = [(0, best[0])], 0, 0
+    restarts, futile, patience = [], 0, cfg.task_patience
     bar = _progress(cfg.task_max_steps, desc, quiet)
-    while step < cfg.task_max_steps and since_best < cfg.task_patience:
+    while step < cfg.task_max_steps:
+        if since_best >= patience:
+            if restarts and best[1] <= restarts[-1]:
+                futile += 1  # the last restart found no new best
+            elif restarts:
+                futile = 0
+            if futile >= cfg.task_restarts_without_gain or cfg.task_restarts_without_gain == 0:
+                break
+            with torch.no_grad():  # back to the best checkpoint, a fresh optimizer
+                for n, p in params.items():
+                    p.copy_(best[2][n])
+            opt = torch.optim.AdamW(params.values(), lr=cfg.task_lr)
+            restarts.append(step)
+            since_best, patience = 0, cfg.task_restart_patience
         idx = torch.randint(len(train), (cfg.task_batch,), generator=g).tolist()
         loss = model(**_collate([train[i] for i in idx])).loss
         loss.backward()
@@ -266,7 +364,8 @@ def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool
         for n, p in params.items():
             p.copy_(best[2][n])
     info = {"best_step": best[1], "best_val_loss": best[0], "steps_run": step,
-            "stopped_early": since_best >= cfg.task_patience, "val_curve": curve}
+            "stopped_early": step < cfg.task_max_steps, "restarts_at": restarts,
+            "val_curve": curve}
     return model.eval(), info
 
 
@@ -363,13 +462,15 @@ class _Job:
     def _base(self) -> dict:
         path = self.base_path(self.name)
         if (path / "config.json").exists():
-            return {"path": str(path), "cached": True}
+            return {"path": str(path), "cached": True,
+                    "info": json.loads((path / "pretrain_info.json").read_text())}
         tok = build_tokenizer()
-        model = pretrain_base(getattr(self.cfg, self.name), self.cfg, tok,
-                              self._base_seed(self.name), self.quiet)
+        model, info = pretrain_base(getattr(self.cfg, self.name), self.cfg, tok,
+                                    self._base_seed(self.name), self.quiet)
         model.save_pretrained(path)
         tok.save_pretrained(path)
-        return {"path": str(path), "cached": False}
+        (path / "pretrain_info.json").write_text(json.dumps(info))
+        return {"path": str(path), "cached": False, "info": info}
 
     def _adapter(self) -> dict:
         from transformers import LlamaForCausalLM
@@ -409,6 +510,18 @@ def _rates(old: np.ndarray, new: np.ndarray) -> dict:
             "pfr": float(np.mean(~old & new))}
 
 
+def seed_checks(models: dict, n_test: int, v2_best_val: float, ce_val: float | None) -> dict:
+    """Issue 17's per-seed conditions on the setting (not on MUSCLE): a real update (v2 more
+    accurate than v1, NFR >= 4 %, >= 100 negative flips, >= 3000 held-out items) and a converged
+    v2 task adapter (the CE control, i.e. the adapter trained further with cross-entropy, does
+    not get a lower validation loss than the adapter's best)."""
+    v1, v2 = models["v1"], models["v2"]
+    return {"v2_better": v2["acc"] > v1["acc"], "nfr_ge_4pct": v2["nfr"] >= 0.04,
+            "negative_flips_ge_100": v2["n_negative_flips"] >= 100, "n_test_ge_3000": n_test >= 3000,
+            "v2_adapter_best_val_loss": v2_best_val, "ce_control_val_loss": ce_val,
+            "adapter_converged": None if ce_val is None else ce_val >= v2_best_val}
+
+
 def seed_result(cfg: DemoConfig, done: dict) -> dict:
     """The results.json entry and the details of one seed, from its finished jobs
     (``done[(kind, name)]``)."""
@@ -434,8 +547,12 @@ def seed_result(cfg: DemoConfig, done: dict) -> dict:
         "config": json.loads(json.dumps(asdict(cfg), default=list)),
         "n_train": len(train), "n_val": len(val), "n_test": len(test),
         "bases_cached": {n: done["base", n]["cached"] for n in ("v1", "v2")},
+        "bases": {n: done["base", n]["info"] for n in ("v1", "v2")},
         "task_adapters": {n: done["adapter", n]["info"] for n in ("v1", "v2")},
         "val_loss_after_compat": {row: done["compat", row]["val_loss"] for row in cfg.rows},
+        "checks": seed_checks(models, len(test), done["adapter", "v2"]["info"]["best_val_loss"],
+                              done["compat", "ce_control"]["val_loss"]
+                              if "ce_control" in cfg.rows else None),
         "n_negative_flips": {n: int(np.sum(o & ~c)) for n, c in correct.items() if n != "v1"},
         "flip_grids": {n: [[int(np.sum(o & c)), int(np.sum(o & ~c))],
                            [int(np.sum(~o & c)), int(np.sum(~o & ~c))]]
@@ -502,7 +619,9 @@ def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet:
     c0 = next(iter(cfgs.values()))
     console.print(f"[bold]MUSCLE demo[/bold], seeds {seeds}, {jobs} process(es); v1: hidden "
                   f"{c0.v1.hidden}, {c0.v1.steps} pre-training steps, all ops; v2: hidden "
-                  f"{c0.v2.hidden}, {c0.v2.steps} steps, corpus mix "
+                  f"{c0.v2.hidden}, "
+                  + (f"{c0.v2.steps} steps" if c0.v2.converge_tol is None else
+                     f"until converged (at most {c0.v2.steps} steps)") + ", corpus mix "
                   + ", ".join(f"{o} {w:g}" for o, w in c0.v2.mix) + f"; task: {c0.n_pool} items "
                   f"(train {1 - c0.val_frac:.0%} / val {c0.val_frac:.0%}), {c0.n_test} held-out")
     t0 = time.perf_counter()
@@ -535,6 +654,7 @@ def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet:
     results = [per_seed[s]["result"] for s in seeds]
     details = [per_seed[s]["details"] for s in seeds]
     summary = summarize(results)
+    summary["checks"] = [{"seed": d["seed"], **d["checks"]} for d in details]
     wall = round(time.perf_counter() - t0, 1)
     result = {"seeds": results, "summary": summary, "wall_s": wall}
     from muscle_fast import flips as _flips
@@ -596,6 +716,16 @@ def summary_lines(s: dict) -> list[str]:
     for name, e in s["rows"].items():
         parts = [f"{label} {cell(e[k], signed)}" for k, label, signed in keys if k in e]
         lines.append(f"  {ROW_NAMES[name]:<21} " + " | ".join(parts))
+    yn = {True: "yes", False: "no", None: "n/a"}
+    for c in s.get("checks", []):
+        ce = c["ce_control_val_loss"]
+        ce_text = "" if ce is None else (f" (CE control's val loss {ce:.3f} vs best "
+                                         f"{c['v2_adapter_best_val_loss']:.3f})")
+        lines.append(f"setting, seed {c['seed']}: v2 more accurate than v1 {yn[c['v2_better']]}, "
+                     f"NFR >= 4% {yn[c['nfr_ge_4pct']]}, >= 100 negative flips "
+                     f"{yn[c['negative_flips_ge_100']]}, >= 3000 held-out items "
+                     f"{yn[c['n_test_ge_3000']]}, v2 task adapter converged (more CE does not "
+                     f"lower its val loss) {yn[c['adapter_converged']]}{ce_text}")
     if "target" in s:
         tg = s["target"]
         lines.append(f"target: MUSCLE mean d%NFR_c <= -30%: "
