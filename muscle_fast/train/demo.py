@@ -461,15 +461,16 @@ class _Job:
 
     def _base(self) -> dict:
         path = self.base_path(self.name)
-        if (path / "config.json").exists():
+        info_file = path / "pretrain_info.json"  # written last: a base is cached once it exists
+        if info_file.exists():
             return {"path": str(path), "cached": True,
-                    "info": json.loads((path / "pretrain_info.json").read_text())}
+                    "info": json.loads(info_file.read_text())}
         tok = build_tokenizer()
         model, info = pretrain_base(getattr(self.cfg, self.name), self.cfg, tok,
                                     self._base_seed(self.name), self.quiet)
         model.save_pretrained(path)
         tok.save_pretrained(path)
-        (path / "pretrain_info.json").write_text(json.dumps(info))
+        info_file.write_text(json.dumps(info))
         return {"path": str(path), "cached": False, "info": info}
 
     def _adapter(self) -> dict:
