@@ -25,6 +25,7 @@ from muscle_fast.train.demo import (
     build_tokenizer,
     corpus_floor,
     demo_main,
+    pretrain_base,
     split_items,
     summarize,
 )
@@ -45,6 +46,7 @@ def test_demo_task_and_update():
     assert mix2 != mix1
     # v1 has a fixed budget; v2 pre-trains until converged on its own corpus
     assert cfg.v1.converge_tol is None and cfg.v2.converge_tol is not None
+    assert cfg.v2.max_runs >= 2  # a v2 run still on a plateau at its cap is run again
 
 
 def test_corpus_items_and_ids_are_the_plain_calls():
@@ -73,6 +75,27 @@ def test_corpus_floor():
     items = [("first", 1, 2, 3), ("add", 4, 5, 6)]
     want = (math.log(6) + math.log(3) + 6 * math.log(10)) / 14
     assert math.isclose(corpus_floor(V2, items), want)
+
+
+def test_pretrain_restarts_a_run_that_did_not_converge():
+    """A run still above the floor after its step budget is a failed run: a new init (seed +
+    1000 k) trains again, and the run with the lowest held-out loss is kept."""
+    from dataclasses import replace
+
+    cfg = DemoConfig.quick()
+    tok = build_tokenizer()
+    spec = replace(cfg.v2, steps=6, check_every=3, converge_tol=-1.0, max_runs=3)  # unreachable
+    _, info = pretrain_base(spec, cfg, tok, 5, quiet=True)
+    runs = info["runs"]
+    assert [r["seed"] for r in runs] == [5, 1005, 2005]
+    assert all(r["steps_run"] == 6 and r["converged"] is False for r in runs)
+    assert info["held_out_loss"] == min(r["held_out_loss"] for r in runs)
+    assert info["seed"] == min(runs, key=lambda r: r["held_out_loss"])["seed"]
+    # a run that converges is not restarted
+    spec = replace(spec, converge_tol=10.0)
+    _, info = pretrain_base(spec, cfg, tok, 5, quiet=True)
+    assert [r["seed"] for r in info["runs"]] == [5] and info["converged"] is True
+    assert info["steps_run"] == 3
 
 
 def test_demo_splits_are_disjoint():
