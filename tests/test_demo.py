@@ -98,6 +98,34 @@ def test_pretrain_restarts_a_run_that_did_not_converge():
     assert info["steps_run"] == 3
 
 
+def test_task_rows_end_at_the_answer():
+    """The answer is the last token and the only label; a trailing <eos> (unlabelled) would not
+    change the loss or its gradient under causal attention, so task_rows leaves it out."""
+    import torch
+
+    from muscle_fast.train.demo import _collate, _tiny_llama, task_rows
+
+    tok = build_tokenizer()
+    items = [("max", 3, 9, 1), ("add", 4, 5, 6), ("first", 7, 0, 2)]
+    rows = task_rows(tok, items)
+    b = _collate(rows)
+    assert (b["labels"][:, :-1] == -100).all()
+    assert b["labels"][:, -1].tolist() == tok.convert_tokens_to_ids(["9", "5", "7"])
+    with_eos = {"input_ids": torch.cat([b["input_ids"], torch.full((3, 1), tok.eos_token_id)], 1)}
+    with_eos["attention_mask"] = torch.ones_like(with_eos["input_ids"])
+    with_eos["labels"] = torch.cat([b["labels"], torch.full((3, 1), -100)], 1)
+    model = _tiny_llama(DemoConfig.quick().v1, len(tok), 0)
+    grads = []
+    for batch in (b, with_eos):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+    for g0, g1 in zip(grads[0][1], grads[1][1]):
+        assert torch.allclose(g0, g1, atol=1e-6)
+
+
 def test_demo_splits_are_disjoint():
     cfg = DemoConfig(seed=4)
     test, train, val = split_items(cfg)

@@ -184,10 +184,12 @@ def _task_prompt(it) -> str:
 
 
 def task_rows(tok, items) -> list[dict]:
-    """Task examples for training: the loss sees only the answer token."""
-    ids = _encode(tok, [f"{_task_prompt(it)} {_op(*it)} <eos>" for it in items])
+    """Task examples for training: the loss sees only the answer token, the last one. Nothing
+    follows it: a trailing ``<eos>`` would carry no label and, under causal attention, cannot
+    change the answer's logits, so it would only cost compute."""
+    ids = _encode(tok, [f"{_task_prompt(it)} {_op(*it)}" for it in items])
     labels = torch.full_like(ids, -100)
-    labels[:, -2] = ids[:, -2]  # the answer digit
+    labels[:, -1] = ids[:, -1]  # the answer digit
     return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": l}
             for i, l in zip(ids, labels)]
 
@@ -660,23 +662,49 @@ def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet:
               ("adapter", ("v2", "v1"), "2. task adapters (kept at their best validation loss)"),
               ("compat", c0.rows, (f"3. compatibility rows, from the v2 task adapter "
                                   f"({c0.compat_steps} steps each, lr {c0.compat_lr})")))
-    pool = None
-    if jobs > 1:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+    names = {kind: n for kind, n, _ in phases}
+    titles = {kind: title for kind, _, title in phases}
+    order = [kind for kind, _, _ in phases]
 
-        pool = ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn"))
-    try:
-        for kind, names, title in phases:
-            units = [_Job(out, cfgs[s], kind, n, quiet or pool is not None)
-                     for n in names for s in seeds]
-            results = list(pool.map(_call, units)) if pool else [u() for u in units]
-            for u, r in zip(units, results):
-                done[u.cfg.seed, kind, u.name] = r
-            console.print(f"  {title}: done ({time.perf_counter() - t0:.0f} s)")
-    finally:
-        if pool is not None:
-            pool.shutdown()
+    def units_of(kind: str, seed: int) -> list:
+        return [_Job(out, cfgs[seed], kind, n, quiet or jobs > 1) for n in names[kind]]
+
+    left = {kind: len(names[kind]) * len(seeds) for kind in order}
+
+    def finished(u: _Job, r: dict) -> list:
+        """Record a unit; return the units it unblocks (its seed's next phase, once every unit
+        of this phase of that seed is done)."""
+        done[u.cfg.seed, u.kind, u.name] = r
+        left[u.kind] -= 1
+        if left[u.kind] == 0:
+            console.print(f"  {titles[u.kind]}: done ({time.perf_counter() - t0:.0f} s)")
+        k = order.index(u.kind)
+        if k + 1 == len(order) or any((u.cfg.seed, u.kind, n) not in done
+                                      for n in names[u.kind]):
+            return []
+        return units_of(order[k + 1], u.cfg.seed)
+
+    if jobs == 1:  # phase by phase, in this process
+        for kind in order:
+            for seed in seeds:
+                for u in units_of(kind, seed):
+                    finished(u, u())
+    else:  # a seed's next phase starts as soon as its own units are done; earlier phases
+        # (the longer units) first, so that the short compatibility rows fill the end
+        import multiprocessing as mp
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        ready = [u for seed in seeds for u in units_of(order[0], seed)]
+        running = {}
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            while ready or running:
+                ready.sort(key=lambda u: order.index(u.kind))  # stable: seeds, names in order
+                while ready and len(running) < jobs:
+                    u = ready.pop(0)
+                    running[pool.submit(_call, u)] = u
+                complete, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in complete:
+                    ready += finished(running.pop(f), f.result())
     per_seed = {s: seed_result(cfgs[s], {k[1:]: v for k, v in done.items() if k[0] == s})
                 for s in seeds}
     for s in seeds:
