@@ -684,21 +684,23 @@ def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet:
             return []
         return units_of(order[k + 1], u.cfg.seed)
 
-    if jobs == 1:  # phase by phase, in this process
-        for kind in order:
-            for seed in seeds:
-                for u in units_of(kind, seed):
-                    finished(u, u())
-    else:  # a seed's next phase starts as soon as its own units are done; earlier phases
-        # (the longer units) first, so that the short compatibility rows fill the end
+    # one queue: a seed's next phase is ready as soon as its own units are done; earlier phases
+    # (the longer units) go first, so the short compatibility rows fill the end. jobs=1 runs the
+    # queue in this process, which is phase by phase.
+    ready = [u for seed in seeds for u in units_of(order[0], seed)]
+    if jobs == 1:
+        while ready:
+            ready.sort(key=lambda u: order.index(u.kind))  # stable: seeds, names in order
+            u = ready.pop(0)
+            ready += finished(u, u())
+    else:
         import multiprocessing as mp
         from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        ready = [u for seed in seeds for u in units_of(order[0], seed)]
         running = {}
         with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
             while ready or running:
-                ready.sort(key=lambda u: order.index(u.kind))  # stable: seeds, names in order
+                ready.sort(key=lambda u: order.index(u.kind))
                 while ready and len(running) < jobs:
                     u = ready.pop(0)
                     running[pool.submit(_call, u)] = u
