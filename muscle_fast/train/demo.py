@@ -10,8 +10,8 @@
    run and is started once more from a new init. Bases are cached in the output directory.
 2. A downstream task in a format the bases never saw (``Q op a b c A r``), over all six ops; a
    LoRA task adapter is trained on each base on the train split and kept at its best
-   validation loss (as the paper does), with early stopping and restarts from the best
-   checkpoint until restarting no longer finds a lower validation loss.
+   validation loss (as the paper does): the lr decays linearly to 0 over a fixed budget, the
+   validation loss is measured about once per epoch, and of two inits the better is kept.
 3. Old (v1 + adapter) and new (v2 + adapter) task models are evaluated on held-out test items
    disjoint from train and validation: accuracy, negative and positive flips.
 4. Compatibility adapters, each a trainable copy of the v2 task adapter on v2, are trained with
@@ -46,8 +46,8 @@ COMPAT_ROWS = ("muscle", "old_correct", "all_old", "ce_control")
 ROW_NAMES = {"v1": "v1 (old task model)", "v2": "v2 (new task model)",
              "muscle": "MUSCLE (mask=muscle)", "old_correct": "mask=old_correct",
              "all_old": "plain KD (all_old)", "ce_control": "CE control"}
-# design E; fixed before any design was run on them (DEMO_RESULTS.md)
-DEFAULT_SEEDS = (16, 17, 18)
+# design F; fixed before any design was run on them (DEMO_RESULTS.md)
+DEFAULT_SEEDS = (24, 25, 26)
 
 
 def _op(op: str, a: int, b: int, c: int) -> int:
@@ -87,7 +87,11 @@ class BaseSpec:
     max_runs: int = 1
 
 
-V1 = BaseSpec(hidden=64, intermediate=192, steps=450, mix=tuple((o, 1.0) for o in OPS))
+# v1's corpus has no arithmetic; v2's adds it (twice the weight of the other ops) and drops
+# max and min
+V1 = BaseSpec(hidden=64, intermediate=192, steps=450,
+              mix=(("first", 1.0), ("last", 1.0), ("max", 1.0), ("min", 1.0), ("add", 0.0),
+                   ("add2", 0.0)))
 V2 = BaseSpec(hidden=64, intermediate=192, steps=1800, converge_tol=0.01, max_runs=2,
               mix=(("first", 1.0), ("last", 1.0), ("max", 0.0), ("min", 0.0), ("add", 2.0),
                    ("add2", 2.0)))
@@ -108,17 +112,14 @@ class DemoConfig:
     lora_r: int = 8
     task_batch: int = 64
     task_lr: float = 2e-3
-    task_max_steps: int = 2000
-    task_eval_every: int = 25
-    task_patience: int = 8  # evaluations without a new best validation loss: the first phase ends
-    # then: restarts from the best checkpoint with a fresh optimizer (same lr), each
-    # ``task_restart_patience`` evaluations long, until ``task_restarts_without_gain``
-    # restarts in a row find no new best (0: plain early stopping)
-    task_restart_patience: int = 4
-    task_restarts_without_gain: int = 2
+    # the lr decays linearly from task_lr to 0 over task_steps; the validation loss is measured
+    # every task_eval_every steps and the checkpoint with the lowest one is kept
+    task_steps: int = 1000
+    task_eval_every: int = 8  # about one epoch of the train split (480 items, batch 64)
+    task_inits: int = 2  # adapter inits per base; the one with the lower best val loss is kept
     compat_steps: int = 100
     compat_batch: int = 64
-    compat_lr: float = 2e-3
+    compat_lr: float = 5e-4  # constant
     temperature: float = 2.0
     rows: Sequence[str] = COMPAT_ROWS
 
@@ -127,8 +128,7 @@ class DemoConfig:
         return cls(seed=seed, v1=replace(V1, hidden=32, intermediate=64, steps=60),
                    v2=replace(V2, hidden=32, intermediate=64, steps=80, check_every=40,
                               max_runs=1),
-                   n_pool=320, n_test=256, task_max_steps=40, task_eval_every=10,
-                   task_patience=2, task_restart_patience=1, compat_steps=8,
+                   n_pool=320, n_test=256, task_steps=40, task_eval_every=10, compat_steps=8,
                    task_batch=32, compat_batch=32)
 
 
@@ -335,17 +335,13 @@ def _val_loss(model, val_batch: dict) -> float:
 
 
 def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool, desc: str):
-    """A LoRA task adapter trained with cross-entropy on the answer token, evaluated on the
-    validation split every ``task_eval_every`` steps and returned at its best validation loss.
+    """A LoRA task adapter trained with cross-entropy on the answer token, AdamW with the lr
+    decaying linearly from ``task_lr`` to 0 over ``task_steps`` steps (the transformers
+    Trainer's default schedule), evaluated on the validation split every ``task_eval_every``
+    steps and returned at its best validation loss (the paper's "best epoch by validation
+    loss"). Selection uses the validation split only.
 
-    Early stopping with restarts: the first phase ends after ``task_patience`` evaluations
-    without a new best; then training restarts from the best checkpoint with a fresh AdamW at
-    the same lr (what the CE control row does) for ``task_restart_patience`` evaluations at a
-    time, until ``task_restarts_without_gain`` restarts in a row found no new best, or
-    ``task_max_steps``. Selection uses the validation split only.
-
-    Returns ``(model, info)``, info = best step, best validation loss, steps run, the restarts,
-    the curve."""
+    Returns ``(model, info)``, info = best step, best validation loss, steps run, the curve."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -356,46 +352,29 @@ def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(params.values(), lr=cfg.task_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 - k / cfg.task_steps)
     g = torch.Generator().manual_seed(seed)
     val_batch = _collate(val)
     best = (_val_loss(model, val_batch), 0, {n: p.detach().clone() for n, p in params.items()})
-    curve, since_best, step = [(0, best[0])], 0, 0
-    restarts, futile, patience = [], 0, cfg.task_patience
-    bar = _progress(cfg.task_max_steps, desc, quiet)
-    while step < cfg.task_max_steps:
-        if since_best >= patience:
-            if restarts and best[1] <= restarts[-1]:
-                futile += 1  # the last restart found no new best
-            elif restarts:
-                futile = 0
-            if futile >= cfg.task_restarts_without_gain or cfg.task_restarts_without_gain == 0:
-                break
-            with torch.no_grad():  # back to the best checkpoint, a fresh optimizer
-                for n, p in params.items():
-                    p.copy_(best[2][n])
-            opt = torch.optim.AdamW(params.values(), lr=cfg.task_lr)
-            restarts.append(step)
-            since_best, patience = 0, cfg.task_restart_patience
+    curve = [(0, best[0])]
+    bar = _progress(cfg.task_steps, desc, quiet)
+    for step in range(1, cfg.task_steps + 1):
         idx = torch.randint(len(train), (cfg.task_batch,), generator=g).tolist()
         loss = model(**_collate([train[i] for i in idx])).loss
         loss.backward()
-        opt.step(), opt.zero_grad(set_to_none=True)
-        step += 1
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         bar.update(), bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % cfg.task_eval_every == 0:
+        if step % cfg.task_eval_every == 0 or step == cfg.task_steps:
             v = _val_loss(model, val_batch)
             curve.append((step, v))
             if v < best[0]:
-                best, since_best = (v, step, {n: p.detach().clone() for n, p in params.items()}), 0
-            else:
-                since_best += 1
+                best = (v, step, {n: p.detach().clone() for n, p in params.items()})
     bar.close()
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(best[2][n])
-    info = {"best_step": best[1], "best_val_loss": best[0], "steps_run": step,
-            "stopped_early": step < cfg.task_max_steps, "restarts_at": restarts,
-            "val_curve": curve}
+    info = {"seed": seed, "best_step": best[1], "best_val_loss": best[0],
+            "steps_run": cfg.task_steps, "val_curve": curve}
     return model.eval(), info
 
 
@@ -439,7 +418,7 @@ def train_compat_row(cfg: DemoConfig, row: str, paths: dict, tok, train, val, qu
 
     model = build_compat_model(str(paths["v2"]), str(paths["adapter_v2"]), str(paths["v1"]),
                                str(paths["adapter_v1"]), old_tokenizer=tok, new_tokenizer=tok)
-    opt = torch.optim.AdamW(model.compat_parameters(), lr=cfg.compat_lr)
+    opt = torch.optim.AdamW(model.compat_parameters(), lr=cfg.compat_lr)  # constant lr
     args = _row_args(row, cfg)
     g = torch.Generator().manual_seed(cfg.seed * 100 + 21)
     log, bar = [], _progress(cfg.compat_steps, f"seed {cfg.seed}: compat adapter {row}", quiet)
@@ -508,11 +487,19 @@ class _Job:
 
         tok = build_tokenizer()
         test, train_items, val_items = split_items(self.cfg)
-        base = LlamaForCausalLM.from_pretrained(self.base_path(self.name)).eval()
-        seed = self.cfg.seed * 100 + (11 if self.name == "v1" else 12)
-        model, info = train_task_adapter(self.cfg, base, task_rows(tok, train_items),
-                                         task_rows(tok, val_items), seed, self.quiet,
-                                         f"seed {self.cfg.seed}: task adapter on {self.name}")
+        train, val = task_rows(tok, train_items), task_rows(tok, val_items)
+        kept, inits = None, []
+        for k in range(self.cfg.task_inits):  # a fresh base each: peft wraps it in place
+            base = LlamaForCausalLM.from_pretrained(self.base_path(self.name)).eval()
+            seed = self.cfg.seed * 100 + (11 if self.name == "v1" else 12) + 100_000 * k
+            model, info = train_task_adapter(
+                self.cfg, base, train, val, seed, self.quiet,
+                f"seed {self.cfg.seed}: task adapter on {self.name} (init {k + 1})")
+            inits.append({key: info[key] for key in ("seed", "best_step", "best_val_loss")})
+            if kept is None or info["best_val_loss"] < kept[1]["best_val_loss"]:
+                kept = (model, info)
+        model, info = kept
+        info["inits"] = inits
         model.save_pretrained(self.run_dir / f"adapter_{self.name}")
         labels = np.array([_op(*it) for it in test])
         return {"info": info, "correct": predict(model, tok, test) == labels}
