@@ -38,12 +38,16 @@ DELTA_KEYS = {"acc", "nfr", "pfr", "d_nfr_c", "d_pct_nfr_c", "dacc_c"}
 def test_demo_task_and_update():
     assert [_op(o, 7, 5, 9) for o in OPS] == [7, 9, 9, 5, 1, 2]  # add: 21 % 10, add2: 12 % 10
     cfg = DemoConfig()
-    # a real update: a new pre-training run on another mix (without ops v1 saw), longer
+    # a real update: a new pre-training run on another mix, longer: v2's corpus adds the
+    # arithmetic v1's lacks and drops two ops v1 saw
     assert cfg.v2.steps > cfg.v1.steps
     mix1, mix2 = dict(cfg.v1.mix), dict(cfg.v2.mix)
-    assert all(mix1[o] > 0 for o in OPS)
+    assert [o for o in OPS if mix1[o] == 0] == ["add", "add2"]
     assert [o for o in OPS if mix2[o] == 0] == ["max", "min"]
-    assert mix2 != mix1
+    # task adapters: a linear-decay schedule, evaluated about once per epoch of the train split
+    n_train = cfg.n_pool - round(cfg.val_frac * cfg.n_pool)
+    assert cfg.task_eval_every == math.ceil(n_train / cfg.task_batch)
+    assert cfg.task_inits == 2
     # v1 has a fixed budget; v2 pre-trains until converged on its own corpus
     assert cfg.v1.converge_tol is None and cfg.v2.converge_tol is not None
     assert cfg.v2.max_runs >= 2  # a v2 run still on a plateau at its cap is run again

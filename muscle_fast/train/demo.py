@@ -2,9 +2,9 @@
 
 1. Two tiny Llama bases with one shared tokenizer, pre-trained here on a synthetic corpus of
    digit operations (``op a b c = r``). The update is a new pre-training run, not v1 continued:
-   v2 has its own initialisation, a new corpus mix (twice as rich in the arithmetic ops ``add``
-   and ``add2``, and without two ops v1 saw, ``max`` and ``min``) and more pre-training compute:
-   v1 has a fixed budget of 450 steps; v2 trains until its loss on a held-out sample of its own
+   v2 has its own initialisation, a new corpus mix (it adds the arithmetic ops ``add`` and
+   ``add2``, which v1's corpus lacks, and drops two ops v1 saw, ``max`` and ``min``) and more
+   pre-training compute: v1 has a fixed budget of 450 steps; v2 trains until its loss on a held-out sample of its own
    corpus is within 0.01 nats/token of that corpus' entropy floor (checked every 150 steps, at
    most 1800 steps; pre-training data only); a run still on a plateau at 1800 steps is a failed
    run and is started once more from a new init. Bases are cached in the output directory.
@@ -635,14 +635,17 @@ def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet:
             else DemoConfig.quick(s) if quick else DemoConfig(seed=s) for s in seeds}
     jobs = max(1, jobs or os.cpu_count() or 1)
     c0 = next(iter(cfgs.values()))
-    console.print(f"[bold]MUSCLE demo[/bold], seeds {seeds}, {jobs} process(es); v1: hidden "
-                  f"{c0.v1.hidden}, {c0.v1.steps} pre-training steps, all ops; v2: hidden "
-                  f"{c0.v2.hidden}, "
-                  + (f"{c0.v2.steps} steps" if c0.v2.converge_tol is None else
-                     f"until converged (at most {c0.v2.steps} steps, {c0.v2.max_runs} run(s))")
-                  + ", corpus mix "
-                  + ", ".join(f"{o} {w:g}" for o, w in c0.v2.mix) + f"; task: {c0.n_pool} items "
-                  f"(train {1 - c0.val_frac:.0%} / val {c0.val_frac:.0%}), {c0.n_test} held-out")
+    def base_text(spec: BaseSpec) -> str:
+        steps = (f"{spec.steps} steps" if spec.converge_tol is None else
+                 f"until converged (at most {spec.steps} steps, {spec.max_runs} run(s))")
+        mix = ", ".join(f"{o} {w:g}" for o, w in spec.mix if w > 0)
+        return f"hidden {spec.hidden}, {steps}, corpus mix {mix}"
+
+    console.print(f"[bold]MUSCLE demo[/bold], seeds {seeds}, {jobs} process(es); v1: "
+                  f"{base_text(c0.v1)}; v2: {base_text(c0.v2)}; task: {c0.n_pool} items "
+                  f"(train {1 - c0.val_frac:.0%} / val {c0.val_frac:.0%}), {c0.n_test} held-out; "
+                  f"task adapters: {c0.task_steps} steps, linear lr decay from {c0.task_lr:g}, "
+                  f"best of {c0.task_inits} init(s) by val loss")
     t0 = time.perf_counter()
     done: dict = {}
     phases = (("base", ("v2", "v1"), "1. pre-trained bases (cached in the output directory)"),
