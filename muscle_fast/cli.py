@@ -129,11 +129,12 @@ The end-to-end MUSCLE update on this machine's CPU, from scratch, in a few minut
 seed, two tiny Llama-architecture bases sharing one tokenizer are pre-trained on a synthetic
 corpus of digit operations (v2 = a new pre-training run: its own init, a corpus that adds
 arithmetic, which v1's corpus lacks, and drops two ops v1 saw, more steps); a LoRA task adapter
-is trained on each base (train split, kept at its best validation loss); the old and new task models are evaluated on
-3000 held-out items (accuracy, negative flips); then compatibility adapters, trainable copies of
-the new task adapter, are trained with fused_compat_loss for mask="muscle", "old_correct", plain
-KD ("all_old") and a CE-only control. Prints a table per seed and a summary over seeds, writes
-results.json, details.json and flips.png to --out. Bases are cached in --out.
+is trained on each base (train split, kept at its best validation loss); the old and new task
+models are evaluated on 3000 held-out items (accuracy, negative flips); then compatibility
+adapters, trainable copies of the new task adapter, are trained with fused_compat_loss for
+mask="muscle", "old_correct", plain KD ("all_old") and a CE-only control. Prints a table per
+seed and a summary over seeds, writes results.json, details.json and flips.png to --out. Bases
+are cached in --out.
 """
 
 

@@ -41,7 +41,8 @@ def main(name: str, seeds: list[int], over: dict) -> None:
         m, c, po = s["models"], dd["checks"], dd["per_op_acc"]
         ok = (c["v2_better"] and c["nfr_ge_4pct"] and c["negative_flips_ge_100"]
               and c["adapter_converged"])
-        print(f"{name} seed {s['seed']}: v1 {100 * m['v1']['acc']:.2f} v2 {100 * m['v2']['acc']:.2f} "
+        print(f"{name} seed {s['seed']}: v1 {100 * m['v1']['acc']:.2f} "
+              f"v2 {100 * m['v2']['acc']:.2f} "
               f"NFR {100 * m['v2']['nfr']:.2f} flips {m['v2']['n_negative_flips']} "
               f"best {c['v2_adapter_best_val_loss']:.3f} ce {c['ce_control_val_loss']:.3f} ok={ok} "
               f"v1steps {dd['bases']['v1']['steps_run']} v2steps {dd['bases']['v2']['steps_run']} "

@@ -4,10 +4,11 @@
    digit operations (``op a b c = r``). The update is a new pre-training run, not v1 continued:
    v2 has its own initialisation, a new corpus mix (it adds the arithmetic ops ``add`` and
    ``add2``, which v1's corpus lacks, and drops two ops v1 saw, ``max`` and ``min``) and more
-   pre-training compute: v1 has a fixed budget of 450 steps; v2 trains until its loss on a held-out sample of its own
-   corpus is within 0.01 nats/token of that corpus' entropy floor (checked every 150 steps, at
-   most 1800 steps; pre-training data only); a run still on a plateau at 1800 steps is a failed
-   run and is started once more from a new init. Bases are cached in the output directory.
+   pre-training compute: v1 has a fixed budget of 450 steps; v2 trains until its loss on a
+   held-out sample of its own corpus is within 0.01 nats/token of that corpus' entropy floor
+   (checked every 150 steps, at most 1800 steps; pre-training data only); a run still on a
+   plateau at 1800 steps is a failed run and is started once more from a new init. Bases are
+   cached in the output directory.
 2. A downstream task in a format the bases never saw (``Q op a b c A r``), over all six ops; a
    LoRA task adapter is trained on each base on the train split and kept at its best
    validation loss (as the paper does): the lr decays linearly to 0 over a fixed budget, the
@@ -341,7 +342,7 @@ def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool
     steps and returned at its best validation loss (the paper's "best epoch by validation
     loss"). Selection uses the validation split only.
 
-    Returns ``(model, info)``, info = best step, best validation loss, steps run, the curve."""
+    Returns ``(model, info)``, info = the seed, best step, best validation loss, the curve."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
@@ -373,8 +374,7 @@ def train_task_adapter(cfg: DemoConfig, base, train, val, seed: int, quiet: bool
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(best[2][n])
-    info = {"seed": seed, "best_step": best[1], "best_val_loss": best[0],
-            "steps_run": cfg.task_steps, "val_curve": curve}
+    info = {"seed": seed, "best_step": best[1], "best_val_loss": best[0], "val_curve": curve}
     return model.eval(), info
 
 
@@ -635,6 +635,7 @@ def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet:
             else DemoConfig.quick(s) if quick else DemoConfig(seed=s) for s in seeds}
     jobs = max(1, jobs or os.cpu_count() or 1)
     c0 = next(iter(cfgs.values()))
+
     def base_text(spec: BaseSpec) -> str:
         steps = (f"{spec.steps} steps" if spec.converge_tol is None else
                  f"until converged (at most {spec.steps} steps, {spec.max_runs} run(s))")
