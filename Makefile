@@ -45,7 +45,7 @@ bench: install
 bench-quick: install
 	$(BIN)/python -m benchmarks --quick
 
-# The manylinux wheel (README "Building, wheels, GPU clusters"): compiled by the C++ compiler of
+# The manylinux wheel (docs/wheels.md): compiled by the C++ compiler of
 # the ziglang package for glibc 2.17 (libc++ linked in, no OpenMP), then tagged by auditwheel,
 # which finds nothing to bundle. dist/muscle_fast-*-manylinux_2_17_x86_64...whl
 ZIG_TARGET ?= x86_64-linux-gnu.2.17

@@ -5,7 +5,7 @@ Metadata lives in pyproject.toml. Without a working compiler or cmake the packag
 MUSCLE_FAST_REQUIRE_NATIVE=1. MUSCLE_FAST_SANITIZE=1 builds with ASan + UBSan;
 MUSCLE_FAST_CMAKE_ARGS adds cmake arguments. MUSCLE_FAST_NO_NATIVE=1 builds the pure-Python
 (py3-none-any) wheel. MUSCLE_FAST_ZIG_TARGET=x86_64-linux-gnu.2.17 compiles with the C++
-compiler of the `ziglang` package for that glibc (the manylinux wheel; see README).
+compiler of the `ziglang` package for that glibc (the manylinux wheel; see docs/wheels.md).
 """
 
 import os

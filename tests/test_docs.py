@@ -21,7 +21,8 @@ def _tracked(pattern: str):
     return sorted(ROOT / p for p in out)
 
 
-MARKDOWN = _tracked("*.md")
+# the docs pages count before they are committed (a new page is checked from its first run)
+MARKDOWN = sorted(set(_tracked("*.md")) | set(ROOT.glob("docs/*.md")) | {ROOT / "README.md"})
 
 
 def _links(path: Path):
@@ -30,6 +31,11 @@ def _links(path: Path):
     text = re.sub(r"```.*?```", "", text, flags=re.S)
     text = re.sub(r"`[^`\n]*`", "", text)
     return LINK.findall(text)
+
+
+def _code_spans(path: Path):
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.S)
+    return re.findall(r"`([^`\n]+)`", text)
 
 
 def test_there_are_documents_to_check():
@@ -58,3 +64,27 @@ def test_no_document_or_source_cites_files_outside_the_repository():
             if "../shared/" in line and path != Path(__file__).resolve():
                 cited.append(f"{path.relative_to(ROOT)}:{n}")
     assert not cited, "cites ../shared/ (not in a clone): " + ", ".join(cited)
+
+
+def test_readme_links_every_docs_page():
+    """The README is the first page: every page under docs/ is reachable from it."""
+    linked = {(ROOT / target.split("#", 1)[0]).resolve() for target in _links(ROOT / "README.md")}
+    missing = [p.name for p in sorted(ROOT.glob("docs/*.md")) if p.resolve() not in linked]
+    assert not missing, f"README.md does not link docs/{missing}"
+
+
+_TOP = {p.name for p in ROOT.iterdir() if not p.name.startswith(".") or p.name == ".ci"}
+_REPO_PATH = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)+/?")
+
+
+@pytest.mark.parametrize("path", MARKDOWN, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_cited_repository_paths_exist(path):
+    """A file named in code (`benchmarks/NOTES.md`, `csrc/thread_pool.h`) whose first part is a
+    top-level entry of the repository exists, from the root or from the page's folder."""
+    bad = []
+    for span in _code_spans(path):
+        if not _REPO_PATH.fullmatch(span) or span.split("/", 1)[0] not in _TOP - {"build", "dist"}:
+            continue
+        if not ((ROOT / span).exists() or (path.parent / span).exists()):
+            bad.append(span)
+    assert not bad, f"{path.relative_to(ROOT)} cites missing files: {bad}"
