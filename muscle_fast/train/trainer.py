@@ -1,6 +1,8 @@
 """``CompatTrainer``: transformers.Trainer training the compatibility adapter with MUSCLE's loss."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import os
 
 import torch
@@ -32,6 +34,10 @@ class CompatTrainer(Trainer):
 
     def __init__(self, model: CompatModel, args=None, compat_args: CompatArguments | None = None,
                  **kwargs):
+        if compat_args is not None and compat_args.teacher_cache is not None:
+            from .cache import cached_model
+
+            model = cached_model(model, compat_args.teacher_cache)  # the student alone
         if not isinstance(model, CompatModel):
             raise TypeError(f"CompatTrainer trains a CompatModel, got {type(model).__name__} "
                             "(build one with build_compat_model)")
@@ -41,6 +47,15 @@ class CompatTrainer(Trainer):
         self.compat_args = compat_args or CompatArguments()
         self._stat_sums: dict = {}
         self._logits_wanted = True
+        self._old_model_engine = None
+        if self.is_deepspeed_enabled and getattr(model, "old_model", None) is not None:
+            # the frozen old model gets its own inference engine, as TRL prepares a teacher:
+            # partitioned under ZeRO-3, replicated (stage 0) under ZeRO-1/2; it leaves the
+            # CompatModel's children, so the training engine holds only the new base and adapters
+            old = model.old_model
+            self._old_model_engine = _prepare_deepspeed_teacher(old, self.accelerator)
+            model._modules.pop("old_model")
+            object.__setattr__(model, "old_model", self._old_model_engine.module)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         # evaluate() without compute_metrics keeps only the loss: the fused path then serves it
@@ -99,10 +114,32 @@ class CompatTrainer(Trainer):
 
     # ---- checkpoints: only the compatibility adapter ----
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            return super().save_model(output_dir, _internal_call)
+        # sharded adapter weights (ZeRO-3 partitions, FSDP2 DTensors): every rank gathers the
+        # compatibility adapter (only it: not the bases' gigabytes), the main process writes it
+        state_dict = self._compat_state_dict()
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
+
+    def _compat_state_dict(self) -> dict:
+        student = self.accelerator.unwrap_model(self.model).student
+        named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+        gathered = contextlib.nullcontext()
+        if self.is_deepspeed_enabled:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([p for _, p in named])
+        with gathered:
+            return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+                    for n, p in named}
+
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        kwargs = {} if state_dict is None else {"state_dict": state_dict}
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, **kwargs)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
@@ -111,3 +148,33 @@ class CompatTrainer(Trainer):
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+
+def _prepare_deepspeed_teacher(model, accelerator):
+    """A frozen teacher's DeepSpeed inference engine, as TRL prepares its reference and teacher
+    models: the training config without optimizer and scheduler, ZeRO-3 kept (the teacher is
+    partitioned like the student and gathered layer by layer in its forward), any other stage
+    replaced by stage 0 (the teacher whole on every rank)."""
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage", 0) == 3:
+        zero.pop("offload_optimizer", None)
+        # the model-dependent values transformers' deepspeed_init fills for the trained model
+        cfg = getattr(model, "config", None)
+        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        hidden = getattr(cfg, "hidden_size", None)
+        if hidden is not None:
+            for key, value in (("reduce_bucket_size", hidden * hidden),
+                               ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                               ("stage3_param_persistence_threshold", 10 * hidden)):
+                if zero.get(key, "auto") == "auto":
+                    zero[key] = value
+    else:
+        config["zero_optimization"] = {"stage": 0}
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
