@@ -210,13 +210,91 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=lambda args: _run_bench(args.args))
 
 
-_SUBCOMMANDS = [_add_flips, _add_demo, _add_bench]
+_CACHE_HELP = """\
+Run MUSCLE's two teachers (the old task model and the new task model) once over a tokenized
+training set and store what the compatibility loss needs, so that training
+(CompatArguments(teacher_cache=OUT)) loads only the new base + compatibility adapter and runs
+no teacher forward. Prints the cache's size before it starts; resumable: run the same command
+again after an interruption and only the missing shards are built.
+
+which kind:
+  hidden  (default) exact: each teacher's last hidden state (the input of its output head, in
+          the model's dtype) plus the old model's head. Training replays the heads: the loss
+          is MUSCLE's own, at any --temperature and mask. Bytes per token 2 x H x element size
+          (2.3 KB at H=576 in bf16, 16 KB at H=4096). Pick it unless disk is the constraint;
+          it needs output heads that are plain linear maps (no logit soft-capping/scaling).
+  topk    compact: both teachers as top-k ids + log-probabilities at --temperature plus the
+          tail mass, the argmax and the label's log-probability. Bytes per token
+          2 x (8 k + 12) (2.1 KB at k=128); no teacher weights during training. An
+          approximation (the exact KL over k+1 categories): it fixes T and the labels; see
+          benchmarks/NOTES.md "Teacher cache" for its error by k and T. Pick it when hidden
+          states do not fit on disk, or a head is not a plain linear map.
+
+data: JSON Lines, one row per line: {"input_ids": [...], "labels": [...], "attention_mask":
+[...]} (labels and attention_mask optional; right padding), or a datasets.save_to_disk folder.
+Rows are matched at training time by their tokens, in any order.
+"""
+
+
+def _add_cache_teachers(sub) -> None:
+    p = sub.add_parser(
+        "cache-teachers",
+        help="run the old and new task models once over the training set and store their "
+        "outputs (train the compatibility adapter without them)",
+        description=_CACHE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--old-base", required=True, metavar="PATH",
+                   help="old base model (AutoModelForCausalLM.from_pretrained)")
+    p.add_argument("--old-adapter", metavar="DIR",
+                   help="old task adapter (peft); omit when --old-base is the whole old model")
+    p.add_argument("--new-base", required=True, metavar="PATH", help="new base model")
+    p.add_argument("--new-adapter", metavar="DIR",
+                   help="new task adapter (peft), the one the compatibility adapter starts from")
+    p.add_argument("--data", required=True, metavar="FILE.jsonl|DIR",
+                   help="tokenized training rows")
+    p.add_argument("--out", required=True, metavar="DIR", help="the cache folder")
+    p.add_argument("--kind", choices=("hidden", "topk"), default="hidden",
+                   help="what to store (default: hidden, exact; see above)")
+    p.add_argument("--k", type=int, metavar="K",
+                   help="top-k entries per token for --kind topk (default 128)")
+    p.add_argument("--temperature", type=float, default=2.0,
+                   help="the training temperature; fixed by --kind topk (default 2.0)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer recorded by fingerprint (default: none recorded)")
+    p.add_argument("--gguf-file", metavar="NAME",
+                   help="load both bases (and --tokenizer) from this GGUF file in their folders")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="dtype to load the models in (default: as saved)")
+    p.add_argument("--device", default="cpu", help="device of the teacher forwards (default cpu)")
+    p.add_argument("--batch-size", type=int, default=8, help="rows per forward (default 8)")
+    p.add_argument("--rows-per-shard", type=int, default=512,
+                   help="rows per shard file: the most an interruption loses (default 512)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a cache of another build in --out (default: an error)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        from muscle_fast.train.cache import TeacherCacheError, cache_teachers_main
+
+        try:
+            return cache_teachers_main(args)
+        except TeacherCacheError as e:
+            print(f"muscle-fast cache-teachers: error: {e}", file=sys.stderr)
+            return 2
+
+    p.set_defaults(func=run)
+
+
+_SUBCOMMANDS = [_add_flips, _add_demo, _add_bench, _add_cache_teachers]
 
 # An optional dependency's import name -> the extra of each command that needs it.
 _EXTRA_FOR = {
     "demo": ("train", {"transformers", "peft", "accelerate", "tqdm", "matplotlib", "safetensors"}),
     "flips": ("eval", {"rouge_score", "matplotlib", "lm_eval"}),
     "bench": ("bench", {"matplotlib", "pandas", "pytest_benchmark"}),
+    "cache-teachers": ("train", {"transformers", "peft", "accelerate", "tqdm", "safetensors",
+                                 "datasets"}),
 }
 
 

@@ -2,6 +2,13 @@
 
 Needs the ``train`` extra (transformers, peft, accelerate, tqdm).
 """
+from .cache import (
+    CachedCompatModel,
+    TeacherCache,
+    TeacherCacheError,
+    build_cached_compat_model,
+    build_teacher_cache,
+)
 from .loop import compat_training_step
 from .model import (
     CompatArguments,
@@ -12,10 +19,15 @@ from .model import (
 )
 
 __all__ = [
+    "CachedCompatModel",
     "CompatArguments",
     "CompatModel",
     "CompatTrainer",
+    "TeacherCache",
+    "TeacherCacheError",
+    "build_cached_compat_model",
     "build_compat_model",
+    "build_teacher_cache",
     "check_same_vocabulary",
     "compat_loss",
     "compat_training_step",

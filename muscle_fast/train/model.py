@@ -70,6 +70,10 @@ class CompatArguments:
     scale, ...) falls back to the materialised path, with a one-time warning naming the reason.
     ``fused_linear=False``: the materialised path, ``fused_compat_loss`` on full logits
     (``inplace_backward`` applies to it only).
+
+    ``teacher_cache=DIR``: the teachers come from a cache built by ``build_teacher_cache`` /
+    ``muscle-fast cache-teachers`` (``muscle_fast.train.cache``); the model needs only the new
+    base + compatibility adapter (a peft model, or a ``CachedCompatModel``), no old model.
     """
 
     mask: str = "muscle"
@@ -80,6 +84,7 @@ class CompatArguments:
     inplace_backward: bool = True
     fused_linear: bool = True
     chunk_size: int | None = None
+    teacher_cache: str | os.PathLike | None = None
 
 
 def _vocab_size(model: nn.Module) -> int:
@@ -492,6 +497,10 @@ def compat_loss(model: CompatModel, inputs: dict, args: CompatArguments | None =
     """
     args = args if args is not None else CompatArguments()
     labels = _batch_labels(inputs)
+    if args.teacher_cache is not None:
+        from .cache import cached_model
+
+        model = cached_model(model, args.teacher_cache)
     input_ids = inputs["input_ids"]
     attn = inputs.get("attention_mask")
     # one call through the wrapper (DDP, FSDP, or none): its hooks see teachers and student
@@ -499,6 +508,7 @@ def compat_loss(model: CompatModel, inputs: dict, args: CompatArguments | None =
         loss, stats, out = model(input_ids=input_ids, attention_mask=attn, labels=labels,
                                  compat_args=args, num_items=num_items)
     else:
-        out, old, new = model(input_ids=input_ids, attention_mask=attn, return_teacher_logits=True)
+        out, old, new = model(input_ids=input_ids, attention_mask=attn, labels=labels,
+                              return_teacher_logits=True)
         loss, stats = _materialised_loss(out.logits, old, new, labels, args, num_items)
     return (loss, stats, out) if return_outputs else (loss, stats)
