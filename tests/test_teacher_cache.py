@@ -342,6 +342,124 @@ def test_cli_help_says_which_kind():
         assert word in text, word
 
 
+# ---------------------------------------------------------------- topk
+
+
+def _topk_cache(parts, directory, k, rows=None, **kw):
+    old, new = _teachers(parts)
+    rows = rows if rows is not None else _rows(_batch(8, seed=3)) + _rows(_batch(4))
+    build_teacher_cache(directory, rows, old_model=old, new_model=new, kind="topk", k=k,
+                        rows_per_shard=5, batch_size=3, progress=False, log=lambda *_: None, **kw)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def topk_cache(parts, tmp_path_factory):
+    return _topk_cache(parts, tmp_path_factory.mktemp("topk"), 8)
+
+
+@pytest.mark.parametrize("kw", [
+    pytest.param({}, id="paper-defaults"),
+    pytest.param({"mask": "token_likelihood", "ce_weight": 0.3}, id="token_likelihood-ce"),
+    pytest.param({"mask": "old_correct", "fused_linear": False}, id="old_correct-materialised"),
+])
+def test_topk_with_k_equal_v_is_the_live_step(parts, tmp_path, kw):
+    """k = V: no tail, the sparse teachers are the dense ones (float32 log-probabilities)."""
+    d = _topk_cache(parts, tmp_path / "c", VOCAB)
+    live = _live(parts)
+    batch = _batch()
+    peer = {**kw, "fused_linear": False, "impl": "torch"}
+    ref = _run(copy.deepcopy(live).double(), batch, **peer)
+    same = _run(live, batch, **peer)
+    cached = _run(live.student, batch, teacher_cache=d, **kw)
+    assert_pass_rule(cached[0], same[0], ref[0], torch.float32, "loss")
+    for f in STAT_FIELDS:
+        assert_pass_rule(getattr(cached[1], f), getattr(same[1], f), getattr(ref[1], f),
+                         torch.float32, f"stats.{f}")
+    for n in ref[2]:
+        assert_pass_rule(cached[2][n[len("student."):]], same[2][n], ref[2][n], torch.float32,
+                         f"grad {n}")
+
+
+def test_topk_step_is_the_sparse_loss_of_the_live_teachers(parts, topk_cache):
+    """k < V: the cached step equals fused_compat_loss with SparseTeacher.from_logits of the live
+    teachers' logits (the cache stores exactly those teachers, rows in any order)."""
+    from muscle_fast import SparseTeacher, fused_compat_loss
+
+    live = _live(parts)
+    b = _batch()
+    b = {k: v[torch.tensor([3, 1, 0, 2])] for k, v in b.items()}
+    kw = {"mask": "token_likelihood", "ce_weight": 0.3, "temperature": 2.0}
+    cached = _run(live.student, b, teacher_cache=topk_cache, **kw)
+    old, new = live.teacher_logits(b["input_ids"], b["attention_mask"])
+    shifted = b["labels"][:, 1:]
+    live.train()
+    live.zero_grad(set_to_none=True)
+    logits = live.student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    sp = [SparseTeacher.from_logits(t[:, :-1], k=8, temperature=2.0, labels=shifted)
+          for t in (old, new)]
+    loss, stats = fused_compat_loss(logits[:, :-1], shifted, sp[0], sp[1], impl="torch",
+                                    return_stats=True, **kw)
+    loss.backward()
+    torch.testing.assert_close(cached[0], loss.detach(), rtol=1e-5, atol=1e-7)
+    for f in STAT_FIELDS:
+        torch.testing.assert_close(getattr(cached[1], f), getattr(stats, f), rtol=1e-5,
+                                   atol=1e-7, msg=f)
+    for n, p in live.student.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(cached[2][n], p.grad, rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_trainer_from_topk_cache_holds_no_teacher_weights(parts, topk_cache, tmp_path):
+    new_base, new_adapter, _, _ = parts
+    model = _perturb(build_cached_compat_model(copy.deepcopy(new_base), new_adapter, topk_cache))
+    assert model.old_head is None
+    assert sum(p.numel() for p in model.parameters()) == \
+        sum(p.numel() for p in model.student.parameters())
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = _trainer(model, tmp_path, CompatArguments(teacher_cache=topk_cache, chunk_size=8),
+                       _rows(_batch(8, seed=3)))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in logs)
+    assert all(0 <= h["compat/frac_to_old"] <= 1 for h in logs)
+    assert any((p.detach() - w0[n]).abs().sum() > 0
+               for n, p in model.named_parameters() if p.requires_grad)
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_model.safetensors").exists()
+
+
+def test_topk_layout_and_size(topk_cache):
+    cache = TeacherCache(topk_cache, verify=True)
+    m = cache.manifest
+    assert m["kind"] == "topk" and m["k"] == 8 and m["temperature"] == 2.0 and m["labels"]
+    per = C.cache_size_estimate("topk", 1, k=8)
+    assert per == 2 * (8 * 8 + 12)
+    size = sum(s["bytes"] for s in m["shards"])
+    assert m["n_tokens"] * per <= size <= m["n_tokens"] * per + 3 * 4096
+    b = _batch()
+    old, new = cache.sparse(b["input_ids"], b["attention_mask"], b["labels"])
+    assert old.shape == b["input_ids"].shape and old.k == 8
+    p = old.logprobs.exp().sum(-1) + old.tail_logprob.exp()
+    torch.testing.assert_close(p, torch.ones_like(p), rtol=0, atol=1e-5)
+
+
+def test_topk_settings_are_checked(parts, topk_cache, tmp_path):
+    live = _live(parts)
+    b = _batch()
+    with pytest.raises(TeacherCacheError, match="temperature 2.0, training uses 1.0"):
+        _run(live.student, b, teacher_cache=topk_cache, temperature=1.0)
+    other = {**b, "labels": b["labels"].clone()}
+    other["labels"][0, 4] = (other["labels"][0, 4] + 1) % VOCAB
+    with pytest.raises(TeacherCacheError, match="labels differ"):
+        _run(live.student, other, teacher_cache=topk_cache, mask="token_likelihood")
+    rows = [{k: v for k, v in r.items() if k != "labels"} for r in _rows(_batch(4))]
+    d = _topk_cache(parts, tmp_path / "nolabels", 8, rows=rows)
+    with pytest.raises(TeacherCacheError, match="built from rows without labels"):
+        _run(live.student, b, teacher_cache=d, mask="sequence_likelihood")
+    _run(live.student, b, teacher_cache=d)  # the muscle mask needs no label log-probabilities
+
+
 # ---------------------------------------------------------------- every bad input: a named error
 
 

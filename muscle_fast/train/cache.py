@@ -637,6 +637,15 @@ class TeacherCache:
                 self._rows.setdefault(tok, []).append((fi, j, lab))
         self._heads = None
 
+    def __deepcopy__(self, memo) -> "TeacherCache":
+        return self  # read-only files: a copied model shares them
+
+    def __getstate__(self) -> dict:
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"])
+
     def __repr__(self) -> str:
         extra = f", k={self.k}, temperature={self.temperature}" if self.kind == "topk" else ""
         return (f"TeacherCache({self.directory!r}, kind={self.kind!r}, rows="
