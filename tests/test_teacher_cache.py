@@ -202,8 +202,10 @@ def test_trainer_from_hidden_cache_equals_live(parts, hidden_cache, tmp_path):
         torch.testing.assert_close(cdw[n], ldw[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def test_rows_found_in_any_order_and_padding_width(parts, hidden_cache):
-    """A row is its tokens: reordered rows, another padded width, no attention mask."""
+def test_rows_found_in_any_order_and_padding_width(parts, hidden_cache, monkeypatch):
+    """A row is its tokens: reordered rows, another padded width, no attention mask (one shard
+    file open at a time: rows of the three shards are read in turn)."""
+    monkeypatch.setattr(C, "_OPEN_SHARDS", 1)
     live = _live(parts)
     b = _batch()
     perm = torch.tensor([2, 0, 3, 1])
@@ -580,3 +582,105 @@ def test_hidden_needs_plain_heads(tmp_path):
     with pytest.raises(TeacherCacheError, match="softcapping.*kind='topk'"):
         build_teacher_cache(tmp_path, _rows(_batch(2)), old_model=m, new_model=m,
                             progress=False, log=lambda *_: None)
+
+
+# ---------------------------------------------------------------- a real model (slow)
+
+
+@pytest.mark.slow
+def test_smollm2_trains_from_both_caches(tmp_path):
+    """SmolLM2-135M-Instruct (V=49152): old = the base with its final norm scaled by 1.15 + an old
+    LoRA adapter, new = the base + a new one. From a hidden cache a step passes the rule against
+    the live step and two CompatTrainer steps log what the live teachers log; a topk (k=128) cache
+    trains too; neither run loads the old body."""
+    from test_train_fused import SMOL_GGUF, _smollm2_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _smollm2_dir()
+    base = AutoModelForCausalLM.from_pretrained(path, gguf_file=SMOL_GGUF, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(path, gguf_file=SMOL_GGUF)
+    old_base = copy.deepcopy(base)
+    with torch.no_grad():
+        old_base.model.norm.weight.mul_(1.15)
+    adapters = {}
+    for name, model, seed in (("old", old_base, 1), ("new", base, 2)):
+        torch.manual_seed(seed)
+        m = get_peft_model(copy.deepcopy(model), LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+            init_lora_weights=False))
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(0.05)
+        m.save_pretrained(str(tmp_path / name))
+        adapters[name] = str(tmp_path / name)
+    readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
+    ids = tok(open(readme).read(), return_tensors="pt")["input_ids"][0][:4 * 64].reshape(4, 64)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    rows = _rows(batch)
+    old_t = PeftModel.from_pretrained(copy.deepcopy(old_base), adapters["old"]).eval()
+    new_t = PeftModel.from_pretrained(copy.deepcopy(base), adapters["new"]).eval()
+    caches = {}
+    for kind, k in (("hidden", None), ("topk", 128)):
+        caches[kind] = str(tmp_path / kind)
+        build_teacher_cache(caches[kind], rows, old_model=old_t, new_model=new_t, kind=kind, k=k,
+                            tokenizer=tok, progress=False, log=lambda *_: None)
+    del old_t, new_t
+    assert TeacherCache(caches["hidden"]).manifest["vocab_size"] == 49152
+
+    live = build_compat_model(copy.deepcopy(base), adapters["new"], old_base, adapters["old"])
+    _perturb(live)
+    small = {k: v[:2, :32] for k, v in batch.items()}
+    small_rows = _rows(small)
+    d = str(tmp_path / "small")
+    build_teacher_cache(d, small_rows, old_model=live.old_model,
+                        new_model=PeftModel.from_pretrained(copy.deepcopy(base), adapters["new"]),
+                        progress=False, log=lambda *_: None)
+    kw = {"ce_weight": 0.2}
+    peer = {**kw, "fused_linear": False, "impl": "torch"}
+    ref = _run(copy.deepcopy(live).double(), small, **peer)
+    same = _run(live, small, **peer)
+    cached = _run(live.student, small, teacher_cache=d, **kw)
+    assert_pass_rule(cached[0], same[0], ref[0], torch.float32, "smollm2 loss")
+    for f in STAT_FIELDS:
+        assert_pass_rule(getattr(cached[1], f), getattr(same[1], f), getattr(ref[1], f),
+                         torch.float32, f"smollm2 stats.{f}")
+    for n in ref[2]:
+        assert_pass_rule(cached[2][n[len("student."):]], same[2][n], ref[2][n], torch.float32,
+                         f"smollm2 grad {n}")
+    del ref
+
+    results = {}
+    for name in ("live", "hidden", "topk"):
+        if name == "live":
+            model = _perturb(build_compat_model(copy.deepcopy(base), adapters["new"],
+                                                copy.deepcopy(old_base), adapters["old"]))
+            ca = CompatArguments(ce_weight=0.2)
+        else:
+            model = _perturb(build_cached_compat_model(copy.deepcopy(base), adapters["new"],
+                                                       caches[name], tokenizer=tok))
+            assert model.old_head is None or model.old_head.weight.shape == (49152, 576)
+            assert not hasattr(model, "old_model") or model.old_model is None
+            ca = CompatArguments(ce_weight=0.2, teacher_cache=caches[name])
+        w0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        args = TrainingArguments(output_dir=str(tmp_path / name), per_device_train_batch_size=2,
+                                 max_steps=2, logging_steps=1, learning_rate=1e-3, optim="sgd",
+                                 save_strategy="no", report_to=[], seed=0, use_cpu=True,
+                                 disable_tqdm=True, dataloader_num_workers=0)
+        trainer = CompatTrainer(model, args, train_dataset=rows, compat_args=ca)
+        trainer.train()
+        logs = [h for h in trainer.state.log_history if "loss" in h]
+        dw = {n: p.detach() - w0[n] for n, p in model.named_parameters() if p.requires_grad}
+        results[name] = (logs, dw)
+        del model, trainer
+    (ll, ldw), (hl, hdw), (tl, tdw) = results["live"], results["hidden"], results["topk"]
+    assert len(ll) == len(hl) == len(tl) == 2
+    for a, b in zip(hl, ll):
+        for k in [k for k in b if k == "loss" or k.startswith("compat/")]:
+            assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (k, a[k], b[k])
+    for n in ldw:
+        torch.testing.assert_close(hdw[n], ldw[n], rtol=1e-3, atol=1e-7, msg=n)
+    assert all(math.isfinite(h["loss"]) for h in tl)
+    assert any(d.abs().sum() > 0 for d in tdw.values())

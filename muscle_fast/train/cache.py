@@ -38,6 +38,7 @@ import os
 import shutil
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -75,6 +76,7 @@ MANIFEST = "manifest.json"
 HEADS = "heads.safetensors"
 DEFAULT_TOPK = 128
 _TEACHERS = ("old", "new")
+_OPEN_SHARDS = 32  # shard files held open (memory-mapped) at once
 _TOPK_FIELDS = ("indices", "logprobs", "tail_logprob", "argmax", "label_logprob")
 
 
@@ -510,7 +512,8 @@ def _resume_or_start(directory: str, header: dict, overwrite: bool) -> dict:
 
 def _shard_file_ok(directory: str, entry: dict) -> bool:
     path = os.path.join(directory, entry["file"])
-    return os.path.exists(path) and os.path.getsize(path) == entry["bytes"]
+    return (os.path.exists(path) and os.path.getsize(path) == entry["bytes"]
+            and _sha256(path) == entry["sha256"])
 
 
 def _heads_ok(directory: str, manifest: dict) -> bool:
@@ -623,19 +626,31 @@ class TeacherCache:
                 raise TeacherCacheError(f"shard {s['file']} of {self.directory} does not match "
                                         "its SHA-256 in the manifest: it is damaged")
             try:
-                f = safe_open(path, framework="pt")
-                offsets = f.get_tensor("offsets")
+                with safe_open(path, framework="pt") as f:
+                    offsets = f.get_tensor("offsets").tolist()
             except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
                 raise TeacherCacheError(f"shard {s['file']} of {self.directory} is unreadable "
                                         f"({e})") from None
-            if offsets.tolist() != [0, *torch.tensor(s["lengths"]).cumsum(0).tolist()]:
+            if offsets != [0, *torch.tensor(s["lengths"]).cumsum(0).tolist()]:
                 raise TeacherCacheError(f"shard {s['file']} of {self.directory} does not hold "
                                         "the rows its manifest entry lists")
             fi = len(self._files)
-            self._files.append((f, offsets.tolist()))
+            self._files.append((path, offsets))
             for j, (tok, lab) in enumerate(zip(s["tokens"], s["labels"])):
                 self._rows.setdefault(tok, []).append((fi, j, lab))
         self._heads = None
+        self._open: OrderedDict = OrderedDict()  # the most recently read shards, memory-mapped
+
+    def _handle(self, fi: int):
+        from safetensors import safe_open
+
+        f = self._open.pop(fi, None)
+        if f is None:
+            f = safe_open(self._files[fi][0], framework="pt")
+            while len(self._open) >= _OPEN_SHARDS:
+                self._open.popitem(last=False)
+        self._open[fi] = f
+        return f
 
     def __deepcopy__(self, memo) -> "TeacherCache":
         return self  # read-only files: a copied model shares them
@@ -734,9 +749,9 @@ class TeacherCache:
         return out
 
     def _slice(self, fi: int, j: int, name: str) -> Tensor:
-        f, offsets = self._files[fi]
+        offsets = self._files[fi][1]
         try:
-            return f.get_slice(name)[offsets[j]:offsets[j + 1]]
+            return self._handle(fi).get_slice(name)[offsets[j]:offsets[j + 1]]
         except Exception as e:  # noqa: BLE001
             raise TeacherCacheError(f"shard {fi} of {self.directory}: cannot read {name} ({e})") \
                 from None
