@@ -410,15 +410,19 @@ class Peer:
 
 def _loss_and_grads(loss_fn, inputs: dict, grad: bool, diff_keys, inplace=False):
     """Run loss_fn on leaves made from ``inputs`` (no copy unless ``inplace``)."""
-    leaves = {}
+    leaves, args = {}, {}
     for k, v in inputs.items():
         if v is not None and grad and k in diff_keys:
-            v = (v.clone() if inplace else v.detach()).requires_grad_(True)
-        leaves[k] = v
+            v = v.detach().requires_grad_(True)
+        leaves[k] = args[k] = v
+        if v is not None and grad and k in diff_keys and inplace:
+            # in place needs a non-leaf (an lm_head output): clone's backward passes the gradient
+            # buffer through unchanged, so the memory is that of the former cloned leaf
+            args[k] = v.clone()
     if not grad:
         with torch.no_grad():
             return loss_fn(leaves), ()
-    loss = loss_fn(leaves)
+    loss = loss_fn(args)
     loss.backward()
     return loss.detach(), tuple(leaves[k].grad for k in diff_keys)
 

@@ -11,7 +11,9 @@ from typing import Dict, NamedTuple
 
 import torch
 
+from ._checks import check_impl_name
 from .ops.compat_loss.backends import NAMES as IMPLS
+
 ENV_VAR = "MUSCLE_FAST_IMPL"
 logger = logging.getLogger("muscle_fast")
 
@@ -21,7 +23,23 @@ class ImplStatus(NamedTuple):
     reason: str
 
 
-@functools.lru_cache(maxsize=None)
+def _memo(fn):
+    """Remember ``fn``'s result per arguments, in a plain dict: ``choose_impl`` runs inside
+    ``torch.compile``'s trace, and Dynamo warns at every call of a ``functools.lru_cache``
+    function (it ignores that cache and traces the function)."""
+    results: dict = {}
+
+    @functools.wraps(fn)
+    def memoised(*args):
+        if args not in results:
+            results[args] = fn(*args)
+        return results[args]
+
+    memoised.cache_clear = results.clear
+    return memoised
+
+
+@_memo
 def _triton_import() -> ImplStatus:
     try:
         import triton  # noqa: F401
@@ -38,7 +56,7 @@ def _version(text: str) -> tuple:
     return tuple(int(p) for p in (text.split("+")[0].split(".") + ["0", "0"])[:2] if p.isdigit())
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def _interpreter_numpy_clash() -> str:
     """"" unless this Triton's interpreter cannot run our loops with this NumPy: Triton < 3.7
     calls int() on a loop bound that NumPy >= 2.4 no longer converts (docs/FACTS.md)."""
@@ -51,7 +69,7 @@ def _interpreter_numpy_clash() -> str:
     return ""
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def _native_status() -> ImplStatus:
     try:
         from .ops.compat_loss.native import native_available
@@ -99,7 +117,7 @@ def available_impls(device: "torch.device | str | None" = None) -> Dict[str, Imp
     return {impl: _status(impl, device) for impl in IMPLS}
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def _say_once(message: str) -> None:
     logger.warning(message)
 
@@ -112,8 +130,7 @@ def choose_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
         if env and env != "auto":
             impl, source = env, f"{ENV_VAR}="
     if impl != "auto":
-        if impl not in IMPLS:
-            raise ValueError(f"{source}{impl!r} is not one of {('auto',) + IMPLS}")
+        check_impl_name(impl, source)
         if dtype == torch.float64 and impl != "torch":
             raise TypeError(f"{source}{impl!r} does not take float64 logits; use impl='torch'")
         status = _status(impl, device)

@@ -1,14 +1,18 @@
 """Public fused-linear compat loss: the loss from hidden states and lm_head weights."""
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Union
 
 from torch import Tensor
 
 from . import _orchestrator
 from ._checks import (
-    check_flag, check_float_dtype, check_options, check_same_device, check_teacher_logits,
+    check_chunk_size,
+    check_flag,
+    check_float_dtype,
+    check_options,
+    check_same_device,
+    check_teacher_logits,
 )
 from .ops.linear_compat_loss.function import LinearRows, Teacher
 
@@ -91,6 +95,7 @@ def fused_linear_compat_loss(
     impl: str = "auto",
     return_stats: bool = False,
     validate: bool = True,
+    **unknown,
 ):
     """:func:`fused_compat_loss` on lm_head logits, without materialising the [N, V] logits.
 
@@ -111,10 +116,12 @@ def fused_linear_compat_loss(
     ``impl="torch"`` (and float64 inputs) run the expression above literally, materialised.
 
     Args:
-        hidden: student last hidden states [N, H] or [B, T, H], fp32/bf16/fp16.
+        hidden: student last hidden states [N, H] or [B, T, H], fp32/bf16/fp16 (fp64:
+            ``impl="torch"``).
         weight: student lm_head weight [V, H], dtype of ``hidden``. A weight that does not
             require grad (frozen lm_head, LoRA) skips the weight-gradient GEMM.
-        labels: int64 ids [N] or [B, T]; ``hidden[i]`` predicts ``labels[i]`` (callers shift).
+        labels: integer ids [N] or [B, T] (int64, int32, ...); ``hidden[i]`` predicts
+            ``labels[i]`` (callers shift).
         bias: student lm_head bias [V] or None.
         old_hidden, old_weight, old_bias: the old task model's last hidden states
             ([N, H'] or [B, T, H'], H' may differ from H) and lm_head [V, H'] (and bias). Or
@@ -135,7 +142,9 @@ def fused_linear_compat_loss(
             Collectives per chunk as in :func:`fused_compat_loss`. Runs the chunked path for
             every ``impl`` (``"torch"`` included), in float32.
         mask, temperature, kl_weight, ce_weight, ignore_index, reduction, num_items,
-        sequence_ids, impl, return_stats, validate: as in :func:`fused_compat_loss`.
+        sequence_ids, impl, return_stats, validate: as in :func:`fused_compat_loss`. Its
+            ``inplace_backward`` is no option here (a TypeError): there are no [N, V] logits to
+            overwrite, and each chunk's gradient already overwrites that chunk's logits.
             ``reduction="none"`` with a trainable ``weight`` or ``bias`` runs the chunked pass
             again in the backward (the per-token upstream gradient weighs every token's share of
             ``grad_weight``).
@@ -148,6 +157,13 @@ def fused_linear_compat_loss(
         or [B, T]; gradients have the shapes and dtypes of hidden, weight and bias.
     """
     # --- checks of types, shapes, devices and options: free, always on ---
+    if "inplace_backward" in unknown:
+        raise TypeError("fused_linear_compat_loss has no inplace_backward option: it never holds "
+                        "the [N, V] logits, and each chunk's gradient already overwrites that "
+                        "chunk's logits (what inplace_backward does in fused_compat_loss)")
+    if unknown:
+        raise TypeError("fused_linear_compat_loss() got an unexpected keyword argument "
+                        f"{sorted(unknown)[0]!r}")
     if not isinstance(hidden, Tensor):
         raise TypeError(f"hidden must be a torch.Tensor, got {type(hidden).__name__}")
     if hidden.dim() not in (2, 3):
@@ -162,9 +178,7 @@ def fused_linear_compat_loss(
     if old is None:
         raise ValueError("the old teacher is required, as (old_hidden, old_weight) or old_logits: "
                          "every mask aligns some tokens to the old model")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or
-                                   not isinstance(chunk_size, numbers.Integral) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     return_stats = check_flag("return_stats", return_stats)
     validate = check_flag("validate", validate)
     opts = check_options(

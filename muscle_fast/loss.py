@@ -8,7 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from . import _orchestrator
-from ._checks import FLOAT_DTYPES, check_flag, check_options, check_teacher_logits
+from ._checks import (
+    FLOAT_DTYPES,
+    FLOAT_DTYPES_TEXT,
+    check_flag,
+    check_inplace_target,
+    check_options,
+    check_stored_options,
+    check_teacher_logits,
+)
 from .ops.compat_loss.function import LogitsRows
 from .ops.compat_loss.reference import CompatStats
 
@@ -50,8 +58,9 @@ def fused_compat_loss(
     gradient.
 
     Args:
-        logits: student logits [N, V] or [B, T, V], fp32/bf16/fp16, unit stride on V.
-        labels: int64 ids [N] or [B, T]; ``logits[i]`` predicts ``labels[i]`` (callers shift).
+        logits: student logits [N, V] or [B, T, V], fp32/bf16/fp16 (fp64: ``impl="torch"``).
+        labels: integer ids [N] or [B, T] (int64, int32, ...); ``logits[i]`` predicts
+            ``labels[i]`` (callers shift).
         old_logits: frozen logits of the old task model (required by every mask).
         new_logits: frozen logits of the new task model (required by ``"muscle"``,
             ``"token_likelihood"``, ``"sequence_likelihood"``; optional otherwise, its term is 0).
@@ -71,7 +80,10 @@ def fused_compat_loss(
             before the call are caught by autograd's version check at backward, but anything
             that reads ``logits`` afterwards (printing it, a second loss on it, an argmax for a
             metric) silently sees the gradient. Use it only when nothing reads the logits after
-            the loss. Fused backends only, outside ``torch.compile``.
+            the loss. Fused backends only, outside ``torch.compile``. Refused (ValueError), as
+            PyTorch refuses in-place ops on them, on every backend: ``logits`` that is a leaf
+            requiring grad (an ``nn.Parameter``) or a view of one, and ``logits`` whose
+            elements share memory (an ``expand()``ed tensor, overlapping strides).
         process_group: vocabulary parallel (a tensor-parallel lm_head): ``logits``,
             ``old_logits`` and ``new_logits`` hold this rank's columns ``[vocab_start,
             vocab_start + V_local)`` of the vocabulary; ``labels`` are global ids. Every rank of
@@ -113,7 +125,7 @@ def fused_compat_loss(
     if logits.dim() not in (2, 3):
         raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
     if logits.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+        raise TypeError(f"logits must be {FLOAT_DTYPES_TEXT}, got {logits.dtype}")
     device, vocab, lead = logits.device, logits.shape[-1], logits.shape[:-1]
     if vocab == 0:
         raise ValueError("logits has an empty vocabulary dimension")
@@ -123,6 +135,8 @@ def fused_compat_loss(
     if new_logits is not None:
         check_teacher_logits("new_logits", new_logits, lead, vocab, device)
     inplace_backward = check_flag("inplace_backward", inplace_backward)
+    if inplace_backward:
+        check_inplace_target("logits", logits)
     return_stats = check_flag("return_stats", return_stats)
     validate = check_flag("validate", validate)
     opts = check_options(
@@ -153,6 +167,7 @@ class FusedCompatLoss(nn.Module):
         unknown = sorted(set(options) - set(known))
         if unknown:
             raise TypeError(f"FusedCompatLoss got unknown options {unknown}; known: {known}")
+        check_stored_options(fused_compat_loss, options)
         self.options = options
 
     def forward(self, logits, labels, old_logits=None, new_logits=None, **overrides):

@@ -152,7 +152,6 @@ def _worker(case: str, out: Path, models: Path):
         kw = {"fsdp": "full_shard", "fsdp_config": ENGINES[engine]}
 
     import muscle_fast.train.model as model_mod
-
     from muscle_fast.train import CompatTrainer
 
     # what the fused loss read: both heads' weights, whole, inside their forwards
@@ -192,7 +191,8 @@ def _worker(case: str, out: Path, models: Path):
 
     args = _training_args(out / "trainer", 1, accelerator_config={"use_configured_state": True},
                           **kw)
-    model = _build(models)
+    model = _build(models)  # after TrainingArguments: ZeRO-3 loads the bases under zero.Init
+    zero_init = hasattr(model.student.get_output_embeddings().weight, "ds_shape")
     trainer = CompatTrainer(model=model, args=args, train_dataset=_rows(),
                             compat_args=_compat_args(path))
     if not engine.startswith("zero"):
@@ -206,14 +206,30 @@ def _worker(case: str, out: Path, models: Path):
         w = head.weight
         placed[name] = {"numel": w.numel(), "dtensor": hasattr(w, "full_tensor"),
                         "ds": hasattr(w, "ds_shape")}
+    # parameter bytes this rank holds outside a forward: the training engine's (new base, both
+    # adapters) and the old model's, against their whole size
+    placed["bytes"] = {"trained": _bytes_held(model.student), "old": _bytes_held(model.old_model)}
     placed["old_in_compat_model"] = any(m is model.old_model for m in model.modules())
     placed["old_engine_stage"] = (None if trainer._old_model_engine is None else
                                   trainer._old_model_engine.zero_optimization_stage())
     placed["fused_reason"] = model._fused_reason
+    placed["zero_init"] = zero_init
     trainer.save_model(str(out / "adapter"))
     torch.save({"history": _history(trainer), "grads": grads, "seen": seen, "placed": placed},
                out / f"rank{rank}.pt")
     dist.barrier()
+
+
+def _bytes_held(module) -> tuple:
+    """(bytes held on this rank, bytes of the whole parameters, number of parameters)."""
+    held = whole = count = 0
+    for p in module.parameters():
+        local = p.ds_tensor if hasattr(p, "ds_tensor") else (
+            p.to_local() if hasattr(p, "to_local") else p)
+        held += local.numel() * local.element_size()
+        whole += int(getattr(p, "ds_numel", p.numel())) * p.element_size()
+        count += 1
+    return held, whole, count
 
 
 def _launch(case: str, tmp_path: Path, models: Path) -> list:
@@ -361,6 +377,7 @@ def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_fac
             assert r["seen"] == [((VOCAB, 32), (VOCAB, 32))] * (STEPS * GA), r["seen"]
         else:
             assert placed["fused_reason"] is None and r["seen"] == []
+        assert placed["zero_init"] == (engine == "zero3")
         if engine == "zero3":
             assert placed["student"] == {"numel": 0, "dtensor": False, "ds": True}
             assert placed["old"] == {"numel": 0, "dtensor": False, "ds": True}
@@ -371,6 +388,12 @@ def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_fac
             assert placed["old_engine_stage"] == (3 if engine == "zero3" else 0)
         if engine == "fsdp2":
             assert placed["student"]["dtensor"] and placed["old"]["dtensor"]
+        for name, (held, whole, count) in placed["bytes"].items():
+            if engine == "zero2":  # ZeRO-2 shards optimizer state and gradients; old: stage 0
+                assert held == whole, (name, held, whole)
+            else:  # a 1/WORLD share (ZeRO-3 pads each parameter's share by < 1 element; FSDP2
+                # splits dim 0, even for every parameter here)
+                assert abs(held - whole / WORLD) <= 4 * count, (engine, name, held, whole)
 
 
 if __name__ == "__main__":

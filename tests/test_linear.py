@@ -301,6 +301,24 @@ def test_bad_input_is_a_clear_error(bad, match):
         fused_linear_compat_loss(args.pop("hidden"), args.pop("weight"), args.pop("labels"), **args)
 
 
+def test_inplace_backward_is_refused_with_the_reason():
+    """There is no [N, V] logits tensor to overwrite: each chunk's gradient already overwrites
+    the chunk's logits. A clear TypeError says so (issue 23 item 8); a misspelt option is still a
+    TypeError naming it."""
+    x, w, b, labels, t = make_inputs()
+    with pytest.raises(TypeError, match=r"no inplace_backward option.*chunk's logits"):
+        fused_linear_compat_loss(x, w, labels, bias=b, inplace_backward=True, **t)
+    with pytest.raises(TypeError, match="temprature"):
+        fused_linear_compat_loss(x, w, labels, bias=b, temprature=2.0, **t)
+
+
+def test_dtype_messages_name_every_accepted_dtype():
+    """float64 hidden states run (impl="torch"): the message names it."""
+    x, w, b, labels, t = make_inputs()
+    with pytest.raises(TypeError, match=r"hidden must be float32, bfloat16, float16 or float64"):
+        fused_linear_compat_loss(x.long(), w, labels, bias=b, **t)
+
+
 def test_dtype_mismatch_is_an_error():
     x, w, _, labels, t = make_inputs()
     with pytest.raises(TypeError, match="weight is torch.bfloat16"):

@@ -240,3 +240,34 @@ def test_resume_from_checkpoint_gives_same_weights(saved, tmp_path):
     res_w = _params(resumed, COMPAT_ADAPTER)
     for n in full_w:
         torch.testing.assert_close(res_w[n], full_w[n], rtol=0, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("options,exc,match", [
+    pytest.param({"mask": "musle"}, ValueError, "mask", id="mask-name"),
+    pytest.param({"temperature": 0}, ValueError, "temperature", id="temperature-zero"),
+    pytest.param({"kl_weight": -1.0}, ValueError, "kl_weight", id="kl-negative"),
+    pytest.param({"kl_weight": 0.0}, ValueError, "both 0", id="weights-both-zero"),
+    pytest.param({"impl": "gpu"}, ValueError, "impl", id="impl-name"),
+    pytest.param({"inplace_backward": 1}, TypeError, "inplace_backward", id="inplace-int"),
+    pytest.param({"fused_linear": "yes"}, TypeError, "fused_linear", id="fused-linear-str"),
+    pytest.param({"chunk_size": 0}, ValueError, "chunk_size", id="chunk-size-zero"),
+])
+def test_compat_arguments_checked_when_constructed(options, exc, match):
+    """A bad option is refused where it is written, before any model is loaded."""
+    with pytest.raises(exc, match=match):
+        CompatArguments(**options)
+
+
+def test_materialised_path_refuses_inplace_on_overlapping_logits():
+    """CompatArguments(inplace_backward=True) (the default) on logits whose elements share memory:
+    refused by the loss's one check, never a wrong number (issue 23 item 1)."""
+    from muscle_fast.train.model import _materialised_loss
+
+    p = torch.randn(VOCAB, requires_grad=True)
+    logits = (p * 1).expand(2, SEQ, VOCAB)
+    old, new = torch.randn(2, SEQ, VOCAB), torch.randn(2, SEQ, VOCAB)
+    labels = torch.randint(0, VOCAB, (2, SEQ))
+    args = CompatArguments(fused_linear=False)
+    assert args.inplace_backward
+    with pytest.raises(ValueError, match="inplace_backward.*logits.*share memory"):
+        _materialised_loss(logits, old, new, labels, args, None)

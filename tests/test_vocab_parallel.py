@@ -109,7 +109,9 @@ def _run(z, labels, o, w, kw, upstream, **extra):
     from muscle_fast import fused_compat_loss
 
     z = z.clone().requires_grad_()
-    loss, stats = fused_compat_loss(z, labels, o, w, **kw, **extra)
+    # in place: on a non-leaf, as an lm_head output is (a leaf is refused)
+    x = z.clone() if extra.get("inplace_backward") else z
+    loss, stats = fused_compat_loss(x, labels, o, w, **kw, **extra)
     (loss * upstream).sum().backward()
     stats = {k: v.detach().double().cpu() for k, v in vars(stats).items() if v is not None}
     return loss.detach().double().cpu(), stats, z.grad.double().cpu()

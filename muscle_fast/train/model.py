@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from muscle_fast._checks import check_stored_options
 from muscle_fast.linear import fused_linear_compat_loss
 from muscle_fast.loss import fused_compat_loss
 
@@ -86,11 +87,20 @@ class CompatArguments:
     chunk_size: int | None = None
     teacher_cache: str | os.PathLike | None = None
 
+    def __post_init__(self):
+        # the loss's own checks, here where the options are written (before any model loads)
+        check_stored_options(fused_compat_loss, {
+            "mask": self.mask, "temperature": self.temperature, "kl_weight": self.kl_weight,
+            "ce_weight": self.ce_weight, "impl": self.impl,
+            "inplace_backward": self.inplace_backward, "fused_linear": self.fused_linear,
+            "chunk_size": self.chunk_size})
+
 
 def _vocab_size(model: nn.Module) -> int:
     emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if emb is not None and hasattr(emb, "weight"):
-        return int(emb.weight.shape[0])
+        # a ZeRO-3 partitioned weight (zero.Init) is (0,) here; ds_shape is its whole shape
+        return int(getattr(emb.weight, "ds_shape", emb.weight.shape)[0])
     return int(model.config.vocab_size)
 
 
