@@ -254,9 +254,10 @@ def check_options(labels, lead, device, *, has_new, mask, temperature, kl_weight
                              ignore_index=int(ignore_index)))
 
 
-def check_values(opts: Options, vocab: int) -> None:
+def check_values(opts: Options, vocab: int, extra: Optional[dict] = None) -> None:
     """The one check that reads values (labels in range, mask 0/1, a device ``num_items`` > 0):
-    one small host sync."""
+    one small host sync. ``extra``: name -> (0-dim bool tensor that is True for bad input, the
+    error message), read in the same sync."""
     if torch.compiler.is_compiling() or opts.labels.numel() == 0:
         return
     y = opts.labels
@@ -266,6 +267,8 @@ def check_values(opts: Options, vocab: int) -> None:
         checks["mask"] = ((opts.mask != 0) & (opts.mask != 1)).any()
     if isinstance(opts.num_items, Tensor) and opts.num_items.device.type != "cpu":
         checks["num_items"] = ~torch.isfinite(opts.scale)
+    extra = extra or {}
+    checks.update({name: bad.reshape(()) for name, (bad, _) in extra.items()})
     flags = dict(zip(checks, torch.stack(list(checks.values())).tolist()))
     if flags["labels"]:
         first = y[bad_label][0].item()
@@ -275,3 +278,6 @@ def check_values(opts: Options, vocab: int) -> None:
         raise ValueError("mask tensor must hold only 0/1 (or bool) values")
     if flags.get("num_items"):
         raise ValueError(f"num_items must be a finite number > 0, got {opts.num_items.item()}")
+    for name, (_, message) in extra.items():
+        if flags[name]:
+            raise ValueError(message)

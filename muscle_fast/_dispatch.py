@@ -122,8 +122,19 @@ def _say_once(message: str) -> None:
     logger.warning(message)
 
 
-def choose_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Resolve ``impl`` ("auto" | one of IMPLS) for tensors on ``device`` of ``dtype``."""
+def _takes_sparse(impl: str) -> bool:
+    from .ops.compat_loss.backends import backend
+
+    return impl == "torch" or backend(impl).sparse
+
+
+def choose_impl(impl: str, device: torch.device, dtype: torch.dtype, sparse: bool = False) -> str:
+    """Resolve ``impl`` ("auto" | one of IMPLS) for tensors on ``device`` of ``dtype``.
+
+    ``sparse``: a teacher is a ``SparseTeacher``. A fused backend whose row kernel does not take
+    one yet is an error when asked for, and ``"auto"`` then returns ``"torch_rows"`` (the row
+    contract in PyTorch, ``ops/compat_loss/torch_rows.py``), saying so once.
+    """
     source = "impl="
     if impl == "auto":
         env = os.environ.get(ENV_VAR, "").strip().lower()
@@ -137,6 +148,10 @@ def choose_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
         if not status.available:
             # an explicit request that cannot be met is a bad argument for these tensors
             raise ValueError(f"{source}{impl!r} cannot run here: {status.reason}")
+        if sparse and not _takes_sparse(impl):
+            raise ValueError(f"{source}{impl!r} does not take a SparseTeacher yet (its row kernel "
+                             "reads dense teacher rows only); use impl='auto' (the PyTorch row "
+                             "function) or impl='torch' (the reference)")
         return impl
     if dtype == torch.float64:
         return "torch"
@@ -145,6 +160,11 @@ def choose_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
         _say_once(f"muscle_fast: no fused kernel for {device.type} tensors; using impl='torch'")
         return "torch"
     status = _status(preferred, device)
+    if sparse and not (status.available and _takes_sparse(preferred)):
+        why = "does not take a SparseTeacher yet" if status.available else "is unavailable"
+        _say_once(f"muscle_fast: impl={preferred!r} {why}; sparse teachers run the PyTorch row "
+                  "function (ops/compat_loss/torch_rows.py)")
+        return "torch_rows"
     if status.available:
         return preferred
     _say_once(f"muscle_fast: impl={preferred!r} unavailable ({status.reason}); using impl='torch'")

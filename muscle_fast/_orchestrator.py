@@ -27,9 +27,17 @@ from .ops.compat_loss.vocab_parallel import VocabParallel, vocab_shards
 
 def run(source, opts: Options, *, impl: str, device: torch.device, dtype: torch.dtype,
         teacher_dtypes: Iterable[torch.dtype], vocab: int, process_group, vocab_start,
-        validate: bool, return_stats: bool, has_new: bool):
-    """Run one call of a public loss over ``source``; returns the loss or ``(loss, stats)``."""
-    impl = _dispatch.choose_impl(impl, device, dtype)
+        validate: bool, return_stats: bool, has_new: bool, value_checks=None):
+    """Run one call of a public loss over ``source``; returns the loss or ``(loss, stats)``.
+
+    ``value_checks``: more checks for ``check_values``' one sync (a sparse teacher's labels).
+    """
+    sparse = getattr(source, "sparse", False)
+    if sparse and (process_group is not None or vocab_start is not None):
+        raise ValueError("a SparseTeacher with process_group= (a vocabulary-parallel lm_head) is "
+                         "not supported yet: give the teachers as logits (or hidden states and "
+                         "weights) there, or run the loss without process_group")
+    impl = _dispatch.choose_impl(impl, device, dtype, sparse=sparse)
     if impl != "torch" and torch.float64 in set(teacher_dtypes):
         raise TypeError(f"impl={impl!r} takes float32/bfloat16/float16 teachers, got float64")
     vocab_parallel = None
@@ -37,7 +45,7 @@ def run(source, opts: Options, *, impl: str, device: torch.device, dtype: torch.
         vocab_parallel, vocab = vocab_parallel_setup(impl, process_group, vocab_start, vocab,
                                                      validate, device)
     if validate:
-        check_values(opts, vocab)
+        check_values(opts, vocab, value_checks)
     if impl == "torch" and vocab_parallel is None:
         return source.reference(opts, return_stats)
 

@@ -14,7 +14,9 @@ from ._checks import (
     check_same_device,
     check_teacher_logits,
 )
+from .ops.compat_loss.contract import sparse_rows
 from .ops.linear_compat_loss.function import LinearRows, Teacher
+from .sparse_teacher import SparseTeacher, check_sparse_teachers
 
 
 def _check_float(name: str, x, device) -> None:
@@ -52,6 +54,8 @@ def _check_teacher(name: str, hidden, weight, bias, logits, lead, vocab,
     if logits is not None:
         if hidden is not None or weight is not None or bias is not None:
             raise ValueError(f"give {name}_logits or ({name}_hidden, {name}_weight), not both")
+        if isinstance(logits, SparseTeacher):  # checked with the options
+            return Teacher(None, None, None, None, logits, sparse_rows(logits))
         check_teacher_logits(f"{name}_logits", logits, lead, vocab, device)
         return Teacher(None, None, None, logits.reshape(-1, vocab))
     if hidden is None and weight is None:
@@ -185,12 +189,15 @@ def fused_linear_compat_loss(
         labels, lead, device, has_new=new is not None, mask=mask, temperature=temperature,
         kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
         num_items=num_items, sequence_ids=sequence_ids)
-    teacher_dtypes = [t.dtype for tt in (old, new) if tt is not None for t in tt if t is not None]
+    value_checks = check_sparse_teachers(old.sparse, None if new is None else new.sparse, opts,
+                                         lead, vocab, device)
+    teacher_dtypes = [t.dtype for tt in (old, new) if tt is not None for t in tt[:4]
+                      if t is not None]
     return _orchestrator.run(
         LinearRows(hidden, weight, bias, old, new, chunk_size), opts, impl=impl, device=device,
         dtype=hidden.dtype, teacher_dtypes=teacher_dtypes, vocab=vocab,
         process_group=process_group, vocab_start=vocab_start, validate=validate,
-        return_stats=return_stats, has_new=new is not None)
+        return_stats=return_stats, has_new=new is not None, value_checks=value_checks)
 
 
 __all__ = ["fused_linear_compat_loss"]

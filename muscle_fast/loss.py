@@ -18,6 +18,7 @@ from ._checks import (
     check_teacher_logits,
 )
 from .ops.compat_loss.function import LogitsRows
+from .sparse_teacher import SparseTeacher, check_sparse_teachers
 from .ops.compat_loss.reference import CompatStats
 
 
@@ -131,9 +132,9 @@ def fused_compat_loss(
         raise ValueError("logits has an empty vocabulary dimension")
     if old_logits is None:
         raise ValueError("old_logits is required: every mask aligns some tokens to the old model")
-    check_teacher_logits("old_logits", old_logits, lead, vocab, device)
-    if new_logits is not None:
-        check_teacher_logits("new_logits", new_logits, lead, vocab, device)
+    for name, t in (("old_logits", old_logits), ("new_logits", new_logits)):
+        if t is not None and not isinstance(t, SparseTeacher):  # a sparse one: after the options
+            check_teacher_logits(name, t, lead, vocab, device)
     inplace_backward = check_flag("inplace_backward", inplace_backward)
     if inplace_backward:
         check_inplace_target("logits", logits)
@@ -144,12 +145,13 @@ def fused_compat_loss(
         kl_weight=kl_weight, ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
         num_items=num_items, sequence_ids=sequence_ids,
         scale_dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    teachers = [t for t in (old_logits, new_logits) if t is not None]
+    value_checks = check_sparse_teachers(old_logits, new_logits, opts, lead, vocab, device)
+    teachers = [t for t in (old_logits, new_logits) if isinstance(t, Tensor)]
     return _orchestrator.run(
         LogitsRows(logits, old_logits, new_logits, inplace_backward), opts, impl=impl,
         device=device, dtype=logits.dtype, teacher_dtypes=[t.dtype for t in teachers],
         vocab=vocab, process_group=process_group, vocab_start=vocab_start, validate=validate,
-        return_stats=return_stats, has_new=new_logits is not None)
+        return_stats=return_stats, has_new=new_logits is not None, value_checks=value_checks)
 
 
 class FusedCompatLoss(nn.Module):

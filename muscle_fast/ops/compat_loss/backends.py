@@ -19,6 +19,7 @@ class Backend(NamedTuple):
     partials: Callable  # compat_partials_<name>: vocabulary-parallel statistics of a slice
     grad_rows: Callable  # compat_grad_rows_<name>: a slice's gradient from row constants
     scale: Callable  # scale_rows_<name>(grad, grad_output): grad *= grad_output in place
+    sparse: bool = False  # rows() takes sparse teachers (old_sparse=/new_sparse=, README.md)
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,6 +37,14 @@ def backend(name: str) -> Backend:
         # on CPU tensors the upstream multiply is a PyTorch op: no native kernel needed
         return Backend(name, k.compat_loss_native, k.compat_partials_native,
                        k.compat_grad_rows_native, scale_rows_torch)
+    if name == "torch_rows":
+        # not a user-facing impl name: the row contract in PyTorch, which the fused path runs
+        # for sparse teachers where the chosen backend's kernel does not take them yet
+        from . import torch_kernels as k
+        from .torch_rows import compat_loss_torch_rows
+
+        return Backend(name, compat_loss_torch_rows, k.compat_partials_torch,
+                       k.compat_grad_rows_torch, k.scale_rows_torch, sparse=True)
     if name == "torch":
         from . import torch_kernels as k
 

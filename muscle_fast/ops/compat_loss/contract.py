@@ -8,6 +8,7 @@ from __future__ import annotations
 from enum import IntEnum
 from typing import NamedTuple, Optional
 
+import torch
 from torch import Tensor
 
 
@@ -36,13 +37,13 @@ class Partial(IntEnum):
     O_MAX = 5
     O_ARG = 6
     O_S = 7
-    O_A = 8
+    O_A = 8  # sum e ((o - ref_o) - (z - ref_z)) k: differences to this slice's maxima only
     O_S1 = 9
     O_Y = 10
     W_MAX = 11
     W_ARG = 12
     W_S = 13
-    W_A = 14
+    W_A = 14  # as O_A for new
 
 
 class RowConst(IntEnum):
@@ -68,9 +69,47 @@ class MaskMode(IntEnum):
     ALL_OLD = 4
 
 
+class SparseCol(IntEnum):
+    """Columns of a sparse teacher's per-row scalars ``SparseRows.row`` [B*T, N_SPARSE_COLS]
+    float32."""
+
+    TAIL = 0  # log P_tail, the log of the mass outside the k ids (-inf: none)
+    ARGMAX = 1  # the teacher's first-index argmax at T = 1, as a float (exact below 2^24)
+    LABEL_LP = 2  # log_softmax(o)[y] at T = 1 (0 when the teacher was built without labels)
+
+
+class SparseRows(NamedTuple):
+    """A sparse teacher as a row kernel takes it (README.md, "Sparse teachers")."""
+
+    idx: Tensor  # [B*T, k] int32 contiguous: distinct ids, ascending within each row
+    lp: Tensor  # [B*T, k] float32 contiguous: log p of idx at the loss's temperature
+    row: Tensor  # [B*T, N_SPARSE_COLS] float32 contiguous: columns SparseCol
+
+
+def sparse_rows(teacher) -> SparseRows:
+    """The kernel form of a ``muscle_fast.SparseTeacher``: rows flattened, each row's ids sorted
+    ascending (its log-probabilities permuted alike), the per-row scalars packed as floats."""
+    k = teacher.indices.shape[-1]
+    idx = teacher.indices.reshape(-1, k)
+    idx, order = idx.sort(dim=1)
+    lp = teacher.logprobs.reshape(-1, k).gather(1, order)
+    tail = teacher.tail_logprob.reshape(-1)
+    label_lp = (torch.zeros_like(tail) if teacher.label_logprob is None
+                else teacher.label_logprob.reshape(-1))
+    row = torch.stack([tail, teacher.argmax.reshape(-1).to(torch.float32), label_lp], 1)
+    return SparseRows(idx.contiguous(), lp.contiguous(), row)
+
+
+def is_sparse(teacher) -> bool:
+    """A teacher given as a ``SparseTeacher`` (duck-typed: ``ops/`` never imports the public
+    layer) rather than a logits tensor or None."""
+    return teacher is not None and not isinstance(teacher, Tensor)
+
+
 N_STATS = len(Stat)
 N_PARTIALS = len(Partial)
 N_ROW_CONSTS = len(RowConst)
+N_SPARSE_COLS = len(SparseCol)
 
 # mask name -> the code its kernel computes; "sequence_likelihood" runs as GIVEN after a first pass
 KERNEL_MASK_MODES = {

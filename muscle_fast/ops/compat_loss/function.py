@@ -15,37 +15,59 @@ import torch
 from torch import Tensor
 
 from .backends import backend
-from .contract import N_STATS, KernelOptions, MaskMode, Stat, as_rows_3d
+from .contract import (
+    N_STATS, KernelOptions, MaskMode, SparseRows, Stat, as_rows_3d, is_sparse, sparse_rows,
+)
 from .reference import CompatStats, compat_loss_reference
+
+
+def sparse_kwargs(old_idx, old_lp, old_row, new_idx, new_lp, new_row) -> dict:
+    """The row launcher's ``old_sparse=`` / ``new_sparse=`` from the custom ops' flat tensors
+    (none at all for dense teachers: launchers without sparse support take those calls)."""
+    old = None if old_idx is None else SparseRows(old_idx, old_lp, old_row)
+    new = None if new_idx is None else SparseRows(new_idx, new_lp, new_row)
+    return {} if old is None and new is None else {"old_sparse": old, "new_sparse": new}
+
+
+def flat_sparse(rows: Optional[SparseRows]) -> tuple:
+    """(idx, lp, row) of a teacher's ``SparseRows``, (None, None, None) for a dense teacher."""
+    return (None, None, None) if rows is None else tuple(rows)
 
 
 @torch.library.custom_op("muscle_fast::compat_loss_rows", mutates_args=())
 def compat_loss_rows(
-    logits: Tensor, labels: Tensor, old_logits: Tensor, new_logits: Optional[Tensor],
+    logits: Tensor, labels: Tensor, old_logits: Optional[Tensor], new_logits: Optional[Tensor],
+    old_idx: Optional[Tensor], old_lp: Optional[Tensor], old_row: Optional[Tensor],
+    new_idx: Optional[Tensor], new_lp: Optional[Tensor], new_row: Optional[Tensor],
     mask: Optional[Tensor], scale: Tensor, impl: str, mask_mode: int, inv_temperature: float,
     kl_weight: float, ce_weight: float, ignore_index: int, old_label_logprob: bool, with_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
-    """Row stats [B*T, N_STATS] and, when ``with_grad``, the gradient (else an empty tensor)."""
+    """Row stats [B*T, N_STATS] and, when ``with_grad``, the gradient (else an empty tensor).
+    A sparse teacher is its (idx, lp, row) in place of its logits (README.md)."""
     grad = (torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if with_grad
             else None)
     rows = backend(impl).rows(
         logits, labels, old_logits, new_logits, mask, grad, scale,
         mask_mode=mask_mode, inv_temperature=inv_temperature, kl_weight=kl_weight,
         ce_weight=ce_weight, ignore_index=ignore_index, old_label_logprob=old_label_logprob,
+        **sparse_kwargs(old_idx, old_lp, old_row, new_idx, new_lp, new_row),
     )
     return rows, grad if grad is not None else logits.new_empty((0,))
 
 
 @compat_loss_rows.register_fake
-def _(logits, labels, old_logits, new_logits, mask, scale, impl, mask_mode, inv_temperature,
-      kl_weight, ce_weight, ignore_index, old_label_logprob, with_grad):
+def _(logits, labels, old_logits, new_logits, old_idx, old_lp, old_row, new_idx, new_lp, new_row,
+      mask, scale, impl, mask_mode, inv_temperature, kl_weight, ce_weight, ignore_index,
+      old_label_logprob, with_grad):
     rows = logits.new_empty((labels.numel(), N_STATS), dtype=torch.float32)
     return rows, logits.new_empty(logits.shape if with_grad else (0,))
 
 
 @torch.library.custom_op("muscle_fast::compat_loss_rows_inplace", mutates_args=("logits",))
 def compat_loss_rows_inplace(
-    logits: Tensor, labels: Tensor, old_logits: Tensor, new_logits: Optional[Tensor],
+    logits: Tensor, labels: Tensor, old_logits: Optional[Tensor], new_logits: Optional[Tensor],
+    old_idx: Optional[Tensor], old_lp: Optional[Tensor], old_row: Optional[Tensor],
+    new_idx: Optional[Tensor], new_lp: Optional[Tensor], new_row: Optional[Tensor],
     mask: Optional[Tensor], scale: Tensor, impl: str, mask_mode: int, inv_temperature: float,
     kl_weight: float, ce_weight: float, ignore_index: int,
 ) -> Tensor:
@@ -54,6 +76,7 @@ def compat_loss_rows_inplace(
         logits, labels, old_logits, new_logits, mask, logits, scale,
         mask_mode=mask_mode, inv_temperature=inv_temperature, kl_weight=kl_weight,
         ce_weight=ce_weight, ignore_index=ignore_index, old_label_logprob=False,
+        **sparse_kwargs(old_idx, old_lp, old_row, new_idx, new_lp, new_row),
     )
 
 
@@ -73,17 +96,20 @@ def _(grad, grad_output, impl):
     return None
 
 
-def row_pass(impl: str, vocab_parallel, logits: Tensor, labels: Tensor, old_logits: Tensor,
-             new_logits: Optional[Tensor], mask: Optional[Tensor], scale: Tensor,
-             kopts: KernelOptions, grad_mode: str = "none", old_label_logprob: bool = False,
-             ) -> Tuple[Tensor, Optional[Tensor]]:
+def row_pass(impl: str, vocab_parallel, logits: Tensor, labels: Tensor,
+             old_logits: Optional[Tensor], new_logits: Optional[Tensor], mask: Optional[Tensor],
+             scale: Tensor, kopts: KernelOptions, grad_mode: str = "none",
+             old_label_logprob: bool = False, old_sparse: Optional[SparseRows] = None,
+             new_sparse: Optional[SparseRows] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """One launch of the row kernel over [B, T, V] logits: ``(row stats, gradient or None)``.
 
     ``grad_mode``: ``"none"``, ``"new"`` (a fresh gradient buffer) or ``"inplace"`` (the gradient
-    overwrites ``logits``). The single place that chooses between the ``torch.library`` op (one
-    device: traceable by ``torch.compile``) and ``vocab_parallel``'s launcher, whose collectives
-    cannot go through a custom op.
+    overwrites ``logits``). A sparse teacher comes as ``old_sparse`` / ``new_sparse`` with its
+    logits None. The single place that chooses between the ``torch.library`` op (one device:
+    traceable by ``torch.compile``) and ``vocab_parallel``'s launcher, whose collectives cannot
+    go through a custom op (and which takes no sparse teacher: the orchestrator refuses that).
     """
+    sparse = flat_sparse(old_sparse) + flat_sparse(new_sparse)
     if vocab_parallel is not None:
         if grad_mode == "new":
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -95,11 +121,11 @@ def row_pass(impl: str, vocab_parallel, logits: Tensor, labels: Tensor, old_logi
     # Under torch.compile the in-place variant would be functionalised into a copy anyway.
     if grad_mode == "inplace" and not torch.compiler.is_compiling():
         rows = torch.ops.muscle_fast.compat_loss_rows_inplace(
-            logits, labels, old_logits, new_logits, mask, scale, impl, *kopts)
+            logits, labels, old_logits, new_logits, *sparse, mask, scale, impl, *kopts)
         return rows, logits
     rows, grad = torch.ops.muscle_fast.compat_loss_rows(
-        logits, labels, old_logits, new_logits, mask, scale, impl, *kopts, old_label_logprob,
-        grad_mode != "none")
+        logits, labels, old_logits, new_logits, *sparse, mask, scale, impl, *kopts,
+        old_label_logprob, grad_mode != "none")
     return rows, grad if grad_mode != "none" else None
 
 
@@ -116,11 +142,12 @@ class CompatLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, old_logits, new_logits, mask, scale, impl, vocab_parallel,
-                kopts, reduction, inplace):
+                kopts, reduction, inplace, old_sparse, new_sparse):
         with_grad = ctx.needs_input_grad[0]
         grad_mode = ("inplace" if inplace else "new") if with_grad else "none"
         rows, grad = row_pass(impl, vocab_parallel, logits, labels, old_logits, new_logits, mask,
-                              scale, kopts, grad_mode)
+                              scale, kopts, grad_mode, old_sparse=old_sparse,
+                              new_sparse=new_sparse)
         loss = reduce_rows(rows, scale, reduction)
         if with_grad:
             ctx.save_for_backward(grad)
@@ -134,7 +161,7 @@ class CompatLossFunction(torch.autograd.Function):
         # already scaled in place: scale_grad_ bumps its version, so autograd refuses it.
         (grad,) = ctx.saved_tensors
         torch.ops.muscle_fast.scale_grad_(grad, grad_loss, ctx.impl)
-        return (grad,) + (None,) * 10
+        return (grad,) + (None,) * 12
 
 
 def stats_from_rows(rows: Tensor, n_valid: Tensor, has_new: bool) -> CompatStats:
@@ -148,10 +175,10 @@ def stats_from_rows(rows: Tensor, n_valid: Tensor, has_new: bool) -> CompatStats
     )
 
 
-def reference_loss(logits: Tensor, old_logits: Tensor, new_logits: Optional[Tensor], opts,
-                   return_stats: bool):
+def reference_loss(logits: Tensor, old_logits, new_logits, opts, return_stats: bool):
     """``impl="torch"``: the reference in the logits' dtype (float32 compute below float64), its
-    stats as float32 like the fused backends'. ``opts``: the checked options of the call."""
+    stats as float32 like the fused backends'. ``opts``: the checked options of the call. A
+    teacher is its logits or a ``SparseTeacher``."""
     out = compat_loss_reference(
         logits, opts.labels.view(opts.lead), old_logits, new_logits,
         mask=opts.mask_name if opts.mask is None else opts.mask, temperature=opts.temperature,
@@ -168,13 +195,23 @@ def reference_loss(logits: Tensor, old_logits: Tensor, new_logits: Optional[Tens
     return loss, stats
 
 
-class LogitsRows:
-    """The rows of ``fused_compat_loss``: [B, T, V] views of the student and teacher logits."""
+def _dense_or_sparse(teacher) -> Tuple[Optional[Tensor], Optional[SparseRows]]:
+    """(logits as [B, T, V], None) for a dense teacher, (None, SparseRows) for a sparse one."""
+    if is_sparse(teacher):
+        return None, sparse_rows(teacher)
+    return as_rows_3d(teacher), None
 
-    def __init__(self, logits: Tensor, old_logits: Tensor, new_logits: Optional[Tensor],
-                 inplace: bool):
+
+class LogitsRows:
+    """The rows of ``fused_compat_loss``: [B, T, V] views of the student and teacher logits (a
+    ``SparseTeacher`` becomes its ``SparseRows``)."""
+
+    def __init__(self, logits: Tensor, old_logits, new_logits, inplace: bool):
         self.logits, self.old_logits, self.new_logits = logits, old_logits, new_logits
-        self.z3, self.old3, self.new3 = map(as_rows_3d, (logits, old_logits, new_logits))
+        self.sparse = is_sparse(old_logits) or is_sparse(new_logits)
+        self.z3 = as_rows_3d(logits)
+        self.old3, self.old_sp = _dense_or_sparse(old_logits)
+        self.new3, self.new_sp = _dense_or_sparse(new_logits)
         self.inplace = bool(inplace)
 
     def label_logprobs(self, impl, vocab_parallel, opts) -> Tensor:
@@ -183,13 +220,14 @@ class LogitsRows:
         kopts = opts.kernel._replace(mask_mode=MaskMode.ALL_OLD, kl_weight=0.0, ce_weight=0.0)
         with torch.no_grad():
             rows, _ = row_pass(impl, vocab_parallel, self.z3.detach(), opts.labels, self.old3,
-                               None, None, opts.scale, kopts, "none", old_label_logprob=True)
+                               None, None, opts.scale, kopts, "none", old_label_logprob=True,
+                               old_sparse=self.old_sp)
         return rows
 
     def loss(self, impl, vocab_parallel, opts, kopts: KernelOptions, mask: Optional[Tensor]):
         return CompatLossFunction.apply(
             self.z3, opts.labels, self.old3, self.new3, mask, opts.scale, impl, vocab_parallel,
-            kopts, opts.reduction, self.inplace)
+            kopts, opts.reduction, self.inplace, self.old_sp, self.new_sp)
 
     def reference(self, opts, return_stats: bool):
         return reference_loss(self.logits, self.old_logits, self.new_logits, opts, return_stats)

@@ -80,11 +80,36 @@ def _kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
+def _sparse_kl(teacher, student_logp: torch.Tensor) -> torch.Tensor:
+    """The k+1-category KL of a ``SparseTeacher`` (docs/SPEC.md section 2, "A teacher given
+    sparsely"): sum_K p_j (log p_j - log q_j) + P_tail (log P_tail - log Q_tail), terms with
+    p = 0 being 0, with log Q_tail the logsumexp of log q over the columns outside K."""
+    compute = student_logp.dtype
+    k = teacher.indices.shape[-1]
+    idx = teacher.indices.reshape(-1, k).long()
+    lp = teacher.logprobs.reshape(-1, k).to(compute)
+    tail = teacher.tail_logprob.reshape(-1).to(compute)
+    top = _kl(lp, student_logp.gather(1, idx))
+    outside = student_logp.scatter(1, idx, float("-inf"))
+    # every column outside K at -inf (or none, k = V): Q_tail = 0, computed on a safe stand-in
+    # so that the gradient of the branch not taken is 0, not NaN
+    has_tail = (outside > float("-inf")).any(1)
+    log_q_tail = torch.logsumexp(torch.where(has_tail[:, None], outside, 0.0), 1)
+    log_q_tail = torch.where(has_tail, log_q_tail, float("-inf"))
+    p_tail = tail.exp()
+    rest = torch.where(p_tail == 0, 0.0, p_tail * (tail - log_q_tail))
+    return top + rest
+
+
+def _is_sparse(teacher) -> bool:
+    return teacher is not None and not isinstance(teacher, torch.Tensor)
+
+
 def compat_loss_reference(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    old_logits: torch.Tensor,
-    new_logits: Optional[torch.Tensor] = None,
+    old_logits,
+    new_logits=None,
     *,
     mask: Union[str, torch.Tensor] = "muscle",
     temperature: float = 2.0,
@@ -98,15 +123,18 @@ def compat_loss_reference(
 ):
     """docs/SPEC.md section 2, literally. Inputs are assumed valid (``fused_compat_loss`` checks them).
 
+    A teacher is its logits or a ``muscle_fast.SparseTeacher`` (its stored values are the
+    teacher: the KL over its k ids and tail bucket, its stored argmax and label log-probability).
     Computes in float64 for float64 ``logits``, else in float32. Differentiable in ``logits``.
     """
     compute = torch.float64 if logits.dtype == torch.float64 else torch.float32
     vocab = logits.shape[-1]
     lead = labels.shape
     z = logits.reshape(-1, vocab).to(compute)
-    o = old_logits.reshape(-1, vocab).to(compute)
-    w = None if new_logits is None else new_logits.reshape(-1, vocab).to(compute)
     y = labels.reshape(-1)
+    o = None if _is_sparse(old_logits) else old_logits.reshape(-1, vocab).to(compute)
+    w = (None if new_logits is None or _is_sparse(new_logits)
+         else new_logits.reshape(-1, vocab).to(compute))
     t = float(temperature)
 
     valid = y != ignore_index
@@ -116,9 +144,19 @@ def compat_loss_reference(
 
     student_logp_t = F.log_softmax(z / t, dim=-1)
     student_logp = F.log_softmax(z, dim=-1)
-    old_logp_t = F.log_softmax(o / t, dim=-1)
-    kl_old = _kl(old_logp_t, student_logp_t)
-    kl_new = _kl(F.log_softmax(w / t, dim=-1), student_logp_t) if w is not None else None
+
+    def kl(teacher, x):
+        if teacher is None:
+            return None
+        if _is_sparse(teacher):
+            return _sparse_kl(teacher, student_logp_t)
+        return _kl(F.log_softmax(x / t, dim=-1), student_logp_t)
+
+    def argmax(teacher, x):
+        return teacher.argmax.reshape(-1) if _is_sparse(teacher) else x.argmax(-1)
+
+    kl_old = kl(old_logits, o)
+    kl_new = kl(new_logits, w)
     student_logp_y = torch.where(in_range, student_logp.gather(1, y_idx).squeeze(1), nan)
     ce = -student_logp_y
 
@@ -128,9 +166,12 @@ def compat_loss_reference(
         elif mask == "muscle":
             to_old = z.argmax(-1) != y
         elif mask == "old_correct":
-            to_old = o.argmax(-1) == y
+            to_old = argmax(old_logits, o) == y
         elif mask in ("token_likelihood", "sequence_likelihood"):
-            old_logp_y = F.log_softmax(o, dim=-1).gather(1, y_idx).squeeze(1)
+            if _is_sparse(old_logits):
+                old_logp_y = old_logits.label_logprob.reshape(-1).to(compute)
+            else:
+                old_logp_y = F.log_softmax(o, dim=-1).gather(1, y_idx).squeeze(1)
             if mask == "token_likelihood":
                 to_old = student_logp_y < old_logp_y
             else:
@@ -173,8 +214,8 @@ def compat_loss_reference(
             n_valid=n_valid.to(compute),
             frac_to_old=mean(to_old),
             acc_student=mean(z.argmax(-1) == y),
-            acc_old=mean(o.argmax(-1) == y),
-            acc_new=None if w is None else mean(w.argmax(-1) == y),
+            acc_old=mean(argmax(old_logits, o) == y),
+            acc_new=None if new_logits is None else mean(argmax(new_logits, w) == y),
             kl_old=mean(kl_old),
             kl_new=None if kl_new is None else mean(kl_new),
             ce=mean(ce),

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..compat_loss.backends import backend
-from ..compat_loss.contract import N_STATS, KernelOptions, MaskMode, as_rows_3d
-from ..compat_loss.function import reduce_rows, reference_loss
+from ..compat_loss.contract import N_STATS, KernelOptions, MaskMode, SparseRows, as_rows_3d
+from ..compat_loss.function import flat_sparse, reduce_rows, reference_loss, sparse_kwargs
 
 MIN_CHUNK = 32
 # Bytes of chunk logits (student + GEMM teachers, fp32) per pass; chunk_size=None derives from it.
@@ -79,8 +79,10 @@ def linear_compat_loss_rows(
     hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor,
     old_hidden: Optional[Tensor], old_weight: Optional[Tensor], old_bias: Optional[Tensor],
     old_logits: Optional[Tensor],
+    old_idx: Optional[Tensor], old_lp: Optional[Tensor], old_row: Optional[Tensor],
     new_hidden: Optional[Tensor], new_weight: Optional[Tensor], new_bias: Optional[Tensor],
     new_logits: Optional[Tensor],
+    new_idx: Optional[Tensor], new_lp: Optional[Tensor], new_row: Optional[Tensor],
     mask: Optional[Tensor], scale: Tensor, row_grad: Optional[Tensor], impl: str, mask_mode: int,
     inv_temperature: float, kl_weight: float, ce_weight: float, ignore_index: int,
     old_label_logprob: bool, chunk_size: int, need_hidden: bool, need_weight: bool,
@@ -89,20 +91,23 @@ def linear_compat_loss_rows(
     """Row stats [N, 9] and the requested gradients (each an empty tensor when not requested).
 
     hidden [N, H], weight [V, H], bias [V]; each teacher is (hidden [N, H'], weight [V, H'], bias)
-    or logits [N, V]; labels, mask, row_grad [N]. The gradient is that of
+    or logits [N, V] or a sparse teacher (idx, lp, row: ``contract.SparseRows``, no GEMM);
+    labels, mask, row_grad [N]. The gradient is that of
     ``sum_i row_grad_i * scale * loss_i`` (``row_grad`` None: all ones).
     """
     kopts = KernelOptions(mask_mode, inv_temperature, kl_weight, ce_weight, ignore_index)
     return linear_rows(
-        hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, new_hidden,
-        new_weight, new_bias, new_logits, mask, scale, row_grad, backend(impl).rows, kopts,
-        old_label_logprob, chunk_size, need_hidden, need_weight, need_bias)
+        hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, old_idx,
+        old_lp, old_row, new_hidden, new_weight, new_bias, new_logits, new_idx, new_lp, new_row,
+        mask, scale, row_grad, backend(impl).rows, kopts, old_label_logprob, chunk_size,
+        need_hidden, need_weight, need_bias)
 
 
 def linear_rows(
-    hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, new_hidden,
-    new_weight, new_bias, new_logits, mask, scale, row_grad, launch, kopts: KernelOptions,
-    old_label_logprob, chunk_size, need_hidden, need_weight, need_bias, group=None,
+    hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, old_idx, old_lp,
+    old_row, new_hidden, new_weight, new_bias, new_logits, new_idx, new_lp, new_row, mask, scale,
+    row_grad, launch, kopts: KernelOptions, old_label_logprob, chunk_size, need_hidden,
+    need_weight, need_bias, group=None,
 ):
     """The chunked pass of ``linear_compat_loss_rows`` with any row-kernel launcher ``launch``.
 
@@ -143,15 +148,19 @@ def linear_rows(
             take = functools.partial(_take_index, idx=idx)
         h = take(hidden)
         z = student.logits(h)
-        o = old.logits(take(old_hidden)) if old is not None else take(old_logits)
+        o = (old.logits(take(old_hidden)) if old is not None
+             else None if old_logits is None else take(old_logits))
         w = (new.logits(take(new_hidden)) if new is not None
              else None if new_logits is None else take(new_logits))
         y = take(labels)
         z3 = z.unsqueeze(0)
+        # a sparse teacher's chunk is its rows of (idx, lp, row): no GEMM, no [C, V] logits
+        sparse = sparse_kwargs(*(None if x is None else take(x) for x in
+                                 (old_idx, old_lp, old_row, new_idx, new_lp, new_row)))
         # The gradient overwrites the chunk's logits (the row contract allows grad is logits).
         rows_c = launch(
             z3, y, as_rows_3d(o), as_rows_3d(w), None if mask is None else take(mask),
-            z3 if with_grad else None, scale, **kopts.kwargs(old_label_logprob))
+            z3 if with_grad else None, scale, **kopts.kwargs(old_label_logprob), **sparse)
         del o, w
         if index is None:
             rows[sel] = rows_c
@@ -189,10 +198,10 @@ def linear_rows(
 
 
 @linear_compat_loss_rows.register_fake
-def _(hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, new_hidden,
-      new_weight, new_bias, new_logits, mask, scale, row_grad, impl, mask_mode, inv_temperature,
-      kl_weight, ce_weight, ignore_index, old_label_logprob, chunk_size, need_hidden, need_weight,
-      need_bias):
+def _(hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits, old_idx,
+      old_lp, old_row, new_hidden, new_weight, new_bias, new_logits, new_idx, new_lp, new_row,
+      mask, scale, row_grad, impl, mask_mode, inv_temperature, kl_weight, ce_weight,
+      ignore_index, old_label_logprob, chunk_size, need_hidden, need_weight, need_bias):
     rows = hidden.new_empty((hidden.shape[0], N_STATS), dtype=torch.float32)
     gh = hidden.new_empty(hidden.shape if need_hidden else (0,))
     gw = weight.new_empty(weight.shape if need_weight else (0,))
@@ -233,14 +242,15 @@ class LinearCompatLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits,
-                new_hidden, new_weight, new_bias, new_logits, mask, scale, impl, vocab_parallel,
-                kopts, chunk_size, reduction):
+                old_idx, old_lp, old_row, new_hidden, new_weight, new_bias, new_logits, new_idx,
+                new_lp, new_row, mask, scale, impl, vocab_parallel, kopts, chunk_size, reduction):
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.needs = needs
         ctx.reduction = reduction
         eager_grads = reduction != "none" and any(needs)
         args = (hidden, weight, bias, labels, old_hidden, old_weight, old_bias, old_logits,
-                new_hidden, new_weight, new_bias, new_logits, mask, scale)
+                old_idx, old_lp, old_row, new_hidden, new_weight, new_bias, new_logits, new_idx,
+                new_lp, new_row, mask, scale)
         ctx.pass_opts = (impl, vocab_parallel, kopts, chunk_size)
         rows, gh, gw, gb = linear_pass(impl, vocab_parallel, args, None, kopts, False, chunk_size,
                                        needs if eager_grads else (False, False, False))
@@ -268,18 +278,28 @@ class LinearCompatLossFunction(torch.autograd.Function):
             gh, gw, gb = (_scaled(g, grad_loss) if need else None
                           for g, need in zip(ctx.saved_tensors, needs))
         grads = tuple(g if need else None for g, need in zip((gh, gw, gb), needs))
-        return grads + (None,) * 16
+        return grads + (None,) * 22
 
 
 class Teacher(NamedTuple):
-    """One frozen teacher of the fused-linear loss: (hidden, weight, bias) or its logits."""
+    """One frozen teacher of the fused-linear loss: (hidden, weight, bias), its logits, or a
+    ``SparseTeacher`` (``sparse``, with its kernel form ``rows``)."""
 
     hidden: Optional[Tensor]  # [N, H'] (detached), or None when logits are given
     weight: Optional[Tensor]  # [V, H']
     bias: Optional[Tensor]  # [V]
     logits: Optional[Tensor]  # [N, V]
+    sparse: object = None  # a muscle_fast.SparseTeacher
+    rows: Optional[SparseRows] = None  # contract.sparse_rows(sparse)
 
-    def full_logits(self, lead) -> Tensor:
+    def args(self) -> tuple:
+        """The teacher's tensors as the custom op takes them (7, None where absent)."""
+        return (self.hidden, self.weight, self.bias, self.logits) + flat_sparse(self.rows)
+
+    def full_logits(self, lead):
+        """The logits [*lead, V] the reference reads (a sparse teacher stays itself)."""
+        if self.sparse is not None:
+            return self.sparse
         if self.logits is not None:
             return self.logits.reshape(*lead, -1)
         return F.linear(self.hidden, self.weight, self.bias).reshape(*lead, -1)
@@ -296,7 +316,8 @@ class LinearRows:
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.h2 = hidden.reshape(-1, hidden.shape[-1])
         self.old, self.new = old, new
-        n_gemm = 1 + sum(t is not None and t.logits is None for t in (old, new))
+        self.sparse = any(t is not None and t.sparse is not None for t in (old, new))
+        n_gemm = 1 + sum(t is not None and t.hidden is not None for t in (old, new))
         self.chunk = (int(chunk_size) if chunk_size is not None else
                       default_chunk_size(self.h2.shape[0], weight.shape[0], n_gemm, hidden.device))
 
@@ -310,8 +331,8 @@ class LinearRows:
     def label_logprobs(self, impl, vocab_parallel, opts) -> Tensor:
         kopts = opts.kernel._replace(mask_mode=int(MaskMode.ALL_OLD), kl_weight=0.0, ce_weight=0.0)
         bias = None if self.bias is None else self.bias.detach()
-        args = (self.h2.detach(), self.weight.detach(), bias, opts.labels, *self.old,
-                *_NO_TEACHER, None, opts.scale)
+        args = (self.h2.detach(), self.weight.detach(), bias, opts.labels, *self.old.args(),
+                *_NO_TEACHER.args(), None, opts.scale)
         rows, *_ = linear_pass(impl, vocab_parallel, args, None, kopts, True, self.chunk,
                                (False, False, False))
         return rows
@@ -319,5 +340,5 @@ class LinearRows:
     def loss(self, impl, vocab_parallel, opts, kopts: KernelOptions, mask: Optional[Tensor]):
         new = self.new if self.new is not None else _NO_TEACHER
         return LinearCompatLossFunction.apply(
-            self.h2, self.weight, self.bias, opts.labels, *self.old, *new, mask, opts.scale, impl,
-            vocab_parallel, kopts, self.chunk, opts.reduction)
+            self.h2, self.weight, self.bias, opts.labels, *self.old.args(), *new.args(), mask,
+            opts.scale, impl, vocab_parallel, kopts, self.chunk, opts.reduction)
