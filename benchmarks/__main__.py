@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -15,40 +17,52 @@ import torch
 
 from . import harness as H
 
+TABLE_WIDTH = 100  # fits a terminal, a log file and a pull-request comment alike
+
+
+def _fmt(x) -> str:
+    if not isinstance(x, float):
+        return str(x)
+    if math.isnan(x):
+        return ""
+    return f"{x:.0f}" if abs(x) >= 1000 else f"{x:.1f}" if abs(x) >= 100 else f"{x:.4g}"
+
 
 def print_table(rows, copy_gbps: float, env: dict) -> None:
-    print(f"# {env['device']} | threads {env['threads']} | torch {env['torch']} | triton "
-          f"{env['triton']} | commit {env['commit']} | {env['date']} UTC")
-    print(f"# copy bandwidth (read + write): {copy_gbps / 1e9:.1f} GB/s; floor fraction = "
-          "(docs/SPEC.md section 4 minimal bytes / copy bandwidth) / median")
-    hdr = ("op", "mode", "mask", "N", "V", "dtype", "backend", "status", "median_ms", "p20_ms",
-           "p80_ms", "peak_mb", "gbps", "floor_fraction", "design_fraction", "vs_eager", "note")
-    try:
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(*hdr, show_lines=False)
-        from rich.markup import escape
-
-        emit = lambda r: table.add_row(*[escape(str(x)) for x in r])  # noqa: E731
-    except ImportError:
-        table = None
-        print(" | ".join(hdr))
-        emit = lambda r: print(" | ".join(str(x) for x in r))  # noqa: E731
-    eager = {}
+    """One block per case (op, mode, mask, N, V, dtype), a line per backend, every line at most
+    TABLE_WIDTH columns; the CSV holds every column."""
+    wrap = textwrap.TextWrapper(width=TABLE_WIDTH, subsequent_indent="#   ")
+    print(wrap.fill(f"# {env['device']} | threads {env['threads']} | torch {env['torch']} | "
+                    f"triton {env['triton']} | commit {env['commit']} | {env['date']} UTC"))
+    print(wrap.fill(f"# copy bandwidth (read + write): {copy_gbps / 1e9:.1f} GB/s; floor = "
+                    "(docs/SPEC.md section 4 minimal bytes / copy bandwidth) / median; design: "
+                    "the same with the design's bytes; vs eager: eager median / median"))
+    cases = {}
     for r in rows:
-        if r["backend"] == "eager" and r["status"] == "ok":
-            eager[(r["op"], r["mode"], r["mask"], r["N"], r["V"], r["dtype"])] = r["median_ms"]
-    for r in rows:
-        key = (r["op"], r["mode"], r["mask"], r["N"], r["V"], r["dtype"])
-        ok = r["status"] == "ok"
-        ratio = f"{eager[key] / r['median_ms']:.2f}x" if ok and key in eager else ""
-        emit([r["op"], r["mode"], r["mask"], r["N"], r["V"], r["dtype"], r["backend"],
-              r["status"]] + [r.get(k, "") if ok else "" for k in
-                              ("median_ms", "p20_ms", "p80_ms", "peak_mb", "gbps",
-                               "floor_fraction", "design_fraction")] + [ratio, r.get("note", "")])
-    if table is not None:
-        Console(width=250).print(table)
+        cases.setdefault((r["op"], r["mode"], r["mask"], r["N"], r["V"], r["dtype"]), []).append(r)
+    hdr = ("backend", "median ms (p20-p80)", "peak MB", "GB/s", "floor", "design", "vs eager")
+    for (op, mode, mask, n, v, dtype), group in cases.items():
+        eager = next((r["median_ms"] for r in group
+                      if r["backend"] == "eager" and r["status"] == "ok"), None)
+        lines, notes = [], []
+        for r in group:
+            if r["status"] == "ok":
+                ratio = f"{eager / r['median_ms']:.2f}x" if eager else ""
+                lines.append((r["backend"], f"{_fmt(r['median_ms'])} ({_fmt(r['p20_ms'])}-"
+                              f"{_fmt(r['p80_ms'])})") + tuple(
+                    _fmt(r.get(k, "")) for k in ("peak_mb", "gbps", "floor_fraction",
+                                                 "design_fraction")) + (ratio,))
+            else:
+                lines.append((r["backend"], r["status"]) + ("",) * 5)
+            if r.get("note"):
+                notes.append(wrap.fill(f"#   {r['backend']}: {r['note']}"))
+        widths = [max(len(x[i]) for x in [hdr] + lines) for i in range(len(hdr))]
+        print(f"\n## {op} {mode} mask={mask} N={n} V={v} {dtype}")
+        for x in [hdr] + lines:
+            print("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                            for i, (c, w) in enumerate(zip(x, widths))).rstrip()[:TABLE_WIDTH])
+        for note in notes:
+            print(note)
 
 
 def append_csv(rows, path: Path) -> None:
@@ -62,8 +76,10 @@ def append_csv(rows, path: Path) -> None:
             wr.writerow({k: r.get(k, "") for k in H.COLUMNS})
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+def main(argv=None, prog: str = "python -m benchmarks") -> int:
+    """Run the harness; ``prog`` is the command name in ``--help`` (``muscle-fast bench`` from the
+    console script)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[1])
     p.add_argument("--preset", choices=("quick", "headline", "cpu", "gpu"),
                    help="a predefined grid (default: quick unless --n/--v are given)")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
@@ -78,7 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--max-gb", type=float, default=None,
                    help="skip cases whose inputs exceed this (default: 1/4 of RAM or GPU memory)")
-    p.add_argument("--out", type=Path, default=None, help="CSV to append (default results/<dev>.csv)")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"CSV to append (default: {H.RESULTS}/cpu.csv, or gpu.csv on a GPU)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("--plot", action="store_true", help="draw time/memory vs N PNGs from the CSV")
     args = p.parse_args(argv)

@@ -40,9 +40,27 @@ metrics (rates over the n matched instances, printed in %):
 """
 
 
+def _check_output(option: str, path) -> str | None:
+    """Why ``path`` (given to ``option``) cannot be written as a file, or None; checked before
+    any work so that a typo costs nothing."""
+    p = Path(path)
+    if p.is_dir():
+        return f"{option} {path}: is a directory, expected a file name"
+    parent = p.parent
+    if not parent.is_dir():
+        what = "does not exist" if not parent.exists() else "is not a directory"
+        return f"{option} {path}: the directory {parent} {what}"
+    return None
+
+
 def _run_flips(args: argparse.Namespace) -> int:
     from muscle_fast import flips as F
 
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and _check_output(option, path)
+        if problem:
+            print(f"muscle-fast flips: error: {problem}", file=sys.stderr)
+            return 2
     try:
         paths = {"old": args.old, "new": args.new}
         if args.compat:
@@ -196,7 +214,7 @@ def _run_bench(argv: list[str]) -> int:
         return 2
     if {"site-packages", "dist-packages"} & set(Path(mod.__file__).parts):
         mod.H.RESULTS = Path.cwd() / "muscle_fast_bench"  # never append rows inside site-packages
-    return mod.main(argv)
+    return mod.main(argv, prog="muscle-fast bench")
 
 
 def _add_bench(sub) -> None:
@@ -364,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         if msg is None:
             raise
         print(msg, file=sys.stderr)
+        return 2
+    except OSError as e:  # a path the user named cannot be read or written: one line, as above
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"muscle-fast {command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 2
 
 

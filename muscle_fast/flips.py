@@ -19,6 +19,7 @@ silently.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Sequence
@@ -410,17 +411,24 @@ def flip_report(logs: dict[str, EvalLog], keys: Sequence[Any], n_dropped: int = 
             n_positive_c=cf.n_positive,
         )
     if binary:
-        o, w = s["old"].astype(bool), s["new"].astype(bool)
-        if compat is None:
-            # counts[old correct][new correct]
-            rep["counts"] = [[int(np.sum((o == a) & (w == b))) for b in (0, 1)] for a in (0, 1)]
-        else:
-            cc = s["compat"].astype(bool)
-            rep["counts"] = [
-                [[int(np.sum((o == a) & (w == b) & (cc == c))) for c in (0, 1)] for b in (0, 1)]
-                for a in (0, 1)
-            ]
+        rep["counts"] = outcome_counts({n: s[n].astype(bool) for n in ("old", "new", "compat")
+                                        if n in s})
     return rep
+
+
+def outcome_counts(correct: dict[str, np.ndarray]) -> dict[str, int]:
+    """Instances per joint outcome of 0/1-scored models, keyed by name and outcome:
+    ``{"old correct, new wrong, compat correct": 3, ...}`` (every combination, correct first).
+    (Before issue 23 this was an unlabelled nested list indexed [old][new][compat], 1 = correct.)"""
+    names = list(correct)
+    counts = {}
+    for outcome in itertools.product((True, False), repeat=len(names)):
+        hit = np.ones(len(correct[names[0]]), dtype=bool)
+        for name, c in zip(names, outcome):
+            hit &= correct[name] == c
+        key = ", ".join(f"{n} {'correct' if c else 'wrong'}" for n, c in zip(names, outcome))
+        counts[key] = int(hit.sum())
+    return counts
 
 
 def _json_safe(x: Any) -> Any:

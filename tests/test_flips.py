@@ -218,9 +218,10 @@ def test_flips_on_lm_eval_mc_logs(lm_eval_logs, tmp_path, capsys):
     assert rep["n"] == 12 and rep["kind"] == "discriminative"
     # the random models do disagree: the test exercises real flips, not all-zero rates
     assert rep["nfr"] + rep["pfr"] + rep["nfr_c"] > 0
-    counts = np.array(rep["counts"])
-    assert counts.shape == (2, 2, 2) and counts.sum() == 12
-    assert counts[1, 0].sum() == round(12 * exp["nfr"])
+    counts = rep["counts"]  # labelled: "old correct, new wrong, compat correct" -> instances
+    assert len(counts) == 8 and sum(counts.values()) == 12
+    negative = [k for k in counts if k.startswith("old correct, new wrong, ")]
+    assert len(negative) == 2 and sum(counts[k] for k in negative) == round(12 * exp["nfr"])
     assert "NFR_mc" in out and "compat (Mv2C)" in out
 
 
@@ -362,9 +363,16 @@ def test_plain_prediction_label_hand_computed(tmp_path, capsys):
     assert rep["dpct_nfr_c"] == pytest.approx(-0.5)
     assert rep["dacc_c"] == pytest.approx(0.2)
     assert rep["m_g"] == 1.0 and rep["m_r"] == 1.0
-    c = np.array(rep["counts"])  # [old][new][compat], index 1 = correct
-    assert c[1, 1, 1] == 1 and c[1, 0, 1] == 1 and c[1, 0, 0] == 1  # a ; b ; d
-    assert c[0, 1, 1] == 1 and c[0, 0, 0] == 1  # c ; e
+    assert rep["counts"] == {  # a ; b ; d ; c ; e
+        "old correct, new correct, compat correct": 1,
+        "old correct, new correct, compat wrong": 0,
+        "old correct, new wrong, compat correct": 1,
+        "old correct, new wrong, compat wrong": 1,
+        "old wrong, new correct, compat correct": 1,
+        "old wrong, new correct, compat wrong": 0,
+        "old wrong, new wrong, compat correct": 0,
+        "old wrong, new wrong, compat wrong": 1,
+    }
     assert "-50.00" in out and "40.00" in out
 
 
@@ -576,6 +584,34 @@ def test_plot_png_discriminative(tmp_path, capsys):
     img = matplotlib.image.imread(png)
     assert img.shape[0] > 300 and img.shape[1] > 800  # two readable panels
     assert img.std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["missing-dir", "is-a-dir"])
+def test_unwritable_output_is_a_one_line_error(tmp_path, capsys, option, where):
+    """An output path that cannot be written: one line naming the option, exit 2, before any work
+    (issue 23 item 6), as the input errors are."""
+    old = _write_jsonl(tmp_path / "o.jsonl", [{"id": i, "score": s} for i, s in enumerate([1, 0, 1])])
+    new = _write_jsonl(tmp_path / "n.jsonl", [{"id": i, "score": s} for i, s in enumerate([0, 0, 1])])
+    name = "x.json" if option == "--json" else "x.png"
+    target = tmp_path / "missing" / name if where == "missing-dir" else tmp_path
+    rc, out, err = _run(["flips", "--old", str(old), "--new", str(new), option, str(target)],
+                        capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("muscle-fast flips: error: ") and err.count("\n") == 1, err
+    assert option in err and str(target) in err
+
+
+def test_json_without_compat_counts_are_labelled(tmp_path, capsys):
+    old = _write_jsonl(tmp_path / "o.jsonl", [{"id": i, "score": s} for i, s in enumerate([1, 0, 1])])
+    new = _write_jsonl(tmp_path / "n.jsonl", [{"id": i, "score": s} for i, s in enumerate([0, 0, 1])])
+    out_json = tmp_path / "r.json"
+    rc, _out, err = _run(["flips", "--old", str(old), "--new", str(new), "--json", str(out_json)],
+                         capsys)
+    assert rc == 0, err
+    assert json.loads(out_json.read_text())["counts"] == {
+        "old correct, new correct": 1, "old correct, new wrong": 1,
+        "old wrong, new correct": 0, "old wrong, new wrong": 1}
 
 
 def test_help_explains_inputs_and_metrics(capsys):

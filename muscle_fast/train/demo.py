@@ -800,12 +800,17 @@ def _render_summary(s: dict, console) -> None:
 
 def _seed_list(text: str) -> list[int]:
     out = []
-    for part in text.split(","):
-        if "-" in part.strip()[1:]:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1))
-        elif part.strip():
-            out.append(int(part))
+    try:
+        for part in text.split(","):
+            if "-" in part.strip()[1:]:
+                a, b = part.split("-", 1)
+                out.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of seeds or ranges (e.g. 0,1,2 or 0-4)"
+        ) from None
     if not out:
         raise argparse.ArgumentTypeError("give at least one seed")
     return out
