@@ -271,3 +271,31 @@ def test_materialised_path_refuses_inplace_on_overlapping_logits():
     assert args.inplace_backward
     with pytest.raises(ValueError, match="inplace_backward.*logits.*share memory"):
         _materialised_loss(logits, old, new, labels, args, None)
+
+
+def test_build_from_peft_models_on_the_given_bases_warns_nothing(saved):
+    """PeftModel objects made on the very bases passed (the natural way to hold task models): no
+    peft "Already found a `peft_config`" warning (it came from injecting the adapters a second
+    time, issue 23 item 11), one set of LoRA layers per adapter, the teachers of the directories."""
+    import warnings
+
+    new_base = LlamaForCausalLM.from_pretrained(saved / "new_base")
+    old_base = LlamaForCausalLM.from_pretrained(saved / "old_base")
+    new_task = PeftModel.from_pretrained(new_base, str(saved / "new_adapter"))
+    old_task = PeftModel.from_pretrained(old_base, str(saved / "old_adapter"), adapter_name="task")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model = build_compat_model(new_base, new_task, old_base, old_task)
+    assert not [w for w in seen if "peft_config" in str(w.message)], [str(w.message) for w in seen]
+    ref = _build(saved)
+
+    def n_lora(m):
+        return sum("lora_A" in n for n, _ in m.named_parameters())
+
+    assert n_lora(model.old_model) == n_lora(ref.old_model)
+    assert n_lora(model.student) == n_lora(ref.student)
+    batch = _collate(_dataset(3))
+    for got, want in zip(model.teacher_logits(batch["input_ids"], batch["attention_mask"]),
+                         ref.teacher_logits(batch["input_ids"], batch["attention_mask"])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+

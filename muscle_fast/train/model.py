@@ -406,9 +406,12 @@ def build_compat_model(
         new_base, old_base: a transformers causal LM or a name/path for
             ``AutoModelForCausalLM.from_pretrained`` (with ``from_pretrained_kwargs``).
         new_adapter: the new task adapter: a peft adapter directory, or a ``PeftModel`` (its
-            active adapter's weights are used, on ``new_base``).
+            active adapter's weights are used, on ``new_base``). A ``PeftModel`` made on the
+            ``new_base`` object itself is unloaded from it (``unload()``, after its weights are
+            copied): the base then carries the student's two adapters only.
         old_adapter: the old task adapter (a directory or a ``PeftModel``, on ``old_base``), or
-            None when ``old_base`` is the whole old task model.
+            None when ``old_base`` is the whole old task model. A ``PeftModel`` made on the
+            ``old_base`` object itself is the old model as it is (frozen, in eval mode).
         old_tokenizer, new_tokenizer: when given, their vocabularies must agree token for token.
 
     Returns:
@@ -417,19 +420,33 @@ def build_compat_model(
     """
     from peft import PeftModel
 
+    new_adapter_model, old_adapter_model = new_adapter, old_adapter
     with tempfile.TemporaryDirectory() as tmp:
         new_adapter = _adapter_path("new_adapter", new_adapter, tmp)
         old_adapter = _adapter_path("old_adapter", old_adapter, tmp, optional=True)
         new = _load_base(new_base, **from_pretrained_kwargs)
         old = _load_base(old_base, **from_pretrained_kwargs)
         check_same_vocabulary(old, new, old_tokenizer, new_tokenizer)
-        if old_adapter is not None:
+        if _wraps(old_adapter_model, old):  # already the old task model: use it as it is
+            old = old_adapter_model
+        elif old_adapter is not None:
             old = PeftModel.from_pretrained(old, old_adapter, is_trainable=False)
+        if _wraps(new_adapter_model, new):
+            # its weights are saved above; the base must carry the student's adapters only, not a
+            # second set of LoRA layers (peft warns "Already found a `peft_config` attribute")
+            new_adapter_model.unload()
         student = PeftModel.from_pretrained(new, new_adapter, adapter_name=COMPAT_ADAPTER,
                                             is_trainable=True)
         student.load_adapter(new_adapter, adapter_name=TEACHER_ADAPTER, is_trainable=False)
     student.set_adapter(COMPAT_ADAPTER)  # active and trainable; the teacher stays frozen
     return CompatModel(student, old)
+
+
+def _wraps(adapter, base: nn.Module) -> bool:
+    """``adapter`` is a ``PeftModel`` made on the very ``base`` object (its LoRA layers are in it)."""
+    from peft import PeftModel
+
+    return isinstance(adapter, PeftModel) and adapter.get_base_model() is base
 
 
 def _adapter_path(name: str, adapter, tmp: str, optional: bool = False):
