@@ -408,20 +408,28 @@ class Peer:
     different_math: str = ""
 
 
-def _loss_and_grads(loss_fn, inputs: dict, grad: bool, diff_keys, inplace=False):
-    """Run loss_fn on leaves made from ``inputs`` (no copy unless ``inplace``)."""
+def prepare_args(inputs: dict, grad: bool, diff_keys, inplace: bool = False) -> tuple:
+    """``(leaves, args)``: ``args`` go to the loss, ``leaves`` receive the gradients (leaves made
+    from ``inputs`` without a copy). In place, a differentiated input is passed as a clone of its
+    leaf, a non-leaf as an lm_head output is (a leaf is refused): the clone is the buffer the
+    gradient overwrites, and its backward hands that buffer to the leaf unchanged."""
     leaves, args = {}, {}
     for k, v in inputs.items():
         if v is not None and grad and k in diff_keys:
             v = v.detach().requires_grad_(True)
         leaves[k] = args[k] = v
         if v is not None and grad and k in diff_keys and inplace:
-            # in place needs a non-leaf (an lm_head output): clone's backward passes the gradient
-            # buffer through unchanged, so the memory is that of the former cloned leaf
             args[k] = v.clone()
+    return leaves, args
+
+
+def _loss_and_grads(loss_fn, inputs: dict, grad: bool, diff_keys, inplace=False, prepared=None):
+    """Run loss_fn on leaves made from ``inputs`` (or on ``prepared = prepare_args(...)``, made
+    outside a timed region); returns the loss and the leaves' gradients."""
+    leaves, args = prepared or prepare_args(inputs, grad, diff_keys, inplace)
     if not grad:
         with torch.no_grad():
-            return loss_fn(leaves), ()
+            return loss_fn(args), ()
     loss = loss_fn(args)
     loss.backward()
     return loss.detach(), tuple(leaves[k].grad for k in diff_keys)
@@ -581,12 +589,11 @@ def run_case(case: Case, peers: List[Peer], s: Settings) -> List[dict]:
         gc.collect()
 
         def setup(inputs=inputs, inplace=peer.inplace):  # bound now: `inputs` is deleted below
-            if inplace:  # the call overwrites the logits: give it a fresh copy
-                return dict(inputs, z=inputs["z"].clone())
-            return inputs
+            # in place, the call overwrites the logits: a fresh copy, made outside the timing
+            return prepare_args(inputs, grad, keys, inplace)
 
-        def run(i):
-            _loss_and_grads(fn, i, grad, keys, inplace=False)
+        def run(prepared):
+            _loss_and_grads(fn, None, grad, keys, prepared=prepared)
         try:
             times = time_calls(run, setup, s.device, warmup=s.warmup, min_reps=s.min_reps,
                                max_reps=s.max_reps, budget_s=s.budget_s)
