@@ -42,7 +42,7 @@ class SparseTeacher:
         logprobs, indices = lp.topk(k, -1)                        # sorted, descending
         tail_logprob = lp.scatter(-1, indices, -inf).logsumexp(-1)  # -inf when k == V
         argmax = o.argmax(-1)                                      # T = 1, first index on ties
-        label_logprob = log_softmax(o.float(), -1).gather(-1, y[..., None])[..., 0]  # 0 where ignored
+        label_logprob = log_softmax(o.float(), -1).gather(-1, y[..., None])[..., 0]  # 0: ignored
 
     It stands in for ``old_logits`` / ``new_logits`` in :func:`muscle_fast.fused_compat_loss` and
     :func:`muscle_fast.fused_linear_compat_loss` (there without any teacher GEMM); the loss is

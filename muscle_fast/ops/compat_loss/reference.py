@@ -80,22 +80,24 @@ def _kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     return terms.sum(-1)
 
 
-def _sparse_kl(teacher, student_logp: torch.Tensor) -> torch.Tensor:
-    """The k+1-category KL of a ``SparseTeacher`` (docs/SPEC.md section 2, "A teacher given
-    sparsely"): sum_K p_j (log p_j - log q_j) + P_tail (log P_tail - log Q_tail), terms with
-    p = 0 being 0, with log Q_tail the logsumexp of log q over the columns outside K."""
-    compute = student_logp.dtype
+def _sparse_kl(teacher, zt: torch.Tensor) -> torch.Tensor:
+    """The k+1-category KL of a ``SparseTeacher`` against student logits ``zt`` = z / T
+    (docs/SPEC.md section 2, "A teacher given sparsely"): sum_K p_j (log p_j - log q_j) +
+    P_tail (log P_tail - log Q_tail), terms with p = 0 being 0, with
+    log Q_tail = logsumexp of zt over the columns outside K - logsumexp of zt over all."""
+    compute = zt.dtype
     k = teacher.indices.shape[-1]
     idx = teacher.indices.reshape(-1, k).long()
     lp = teacher.logprobs.reshape(-1, k).to(compute)
     tail = teacher.tail_logprob.reshape(-1).to(compute)
-    top = _kl(lp, student_logp.gather(1, idx))
-    outside = student_logp.scatter(1, idx, float("-inf"))
-    # every column outside K at -inf (or none, k = V): Q_tail = 0, computed on a safe stand-in
-    # so that the gradient of the branch not taken is 0, not NaN
+    lse = torch.logsumexp(zt, 1)
+    top = _kl(lp, zt.gather(1, idx) - lse[:, None])
+    outside = zt.scatter(1, idx, float("-inf"))
+    # every column outside K at -inf (or none, k = V): Q_tail = 0; its logsumexp is taken on a
+    # safe stand-in so that the gradient of the branch not taken is 0, not NaN
     has_tail = (outside > float("-inf")).any(1)
-    log_q_tail = torch.logsumexp(torch.where(has_tail[:, None], outside, 0.0), 1)
-    log_q_tail = torch.where(has_tail, log_q_tail, float("-inf"))
+    lse_outside = torch.logsumexp(torch.where(has_tail[:, None], outside, 0.0), 1)
+    log_q_tail = torch.where(has_tail, lse_outside, float("-inf")) - lse
     p_tail = tail.exp()
     rest = torch.where(p_tail == 0, 0.0, p_tail * (tail - log_q_tail))
     return top + rest
@@ -149,7 +151,7 @@ def compat_loss_reference(
         if teacher is None:
             return None
         if _is_sparse(teacher):
-            return _sparse_kl(teacher, student_logp_t)
+            return _sparse_kl(teacher, z / t)
         return _kl(F.log_softmax(x / t, dim=-1), student_logp_t)
 
     def argmax(teacher, x):

@@ -55,8 +55,8 @@ def _sparse(s: SparseRows, zt: Tensor, lse_t: Tensor, compute, need_target: bool
     if need_target:
         # the tail mass spread over the columns outside K in proportion to the student
         spread = (p_tail > 0) & (lse_tail > float("-inf"))
-        target = torch.where(spread[:, None], p_tail[:, None] * torch.exp(zt_tail - lse_tail[:, None]),
-                             0.0)
+        share = torch.exp(zt_tail - lse_tail[:, None])  # q_v / Q_tail outside K
+        target = torch.where(spread[:, None], p_tail[:, None] * share, 0.0)
         target.scatter_(1, idx, p)
     return _Teacher(kl_k + kl_tail, target, s.row[:, SparseCol.ARGMAX].long(),
                     s.row[:, SparseCol.LABEL_LP].to(compute))
