@@ -129,7 +129,8 @@ def fused_linear_compat_loss(
         bias: student lm_head bias [V] or None.
         old_hidden, old_weight, old_bias: the old task model's last hidden states
             ([N, H'] or [B, T, H'], H' may differ from H) and lm_head [V, H'] (and bias). Or
-        old_logits: its logits [N, V] or [B, T, V]. One of the two forms is required.
+        old_logits: its logits [N, V] or [B, T, V], or a :class:`SparseTeacher` (then no
+            teacher GEMM runs at all). One of the two forms is required.
         new_hidden, new_weight, new_bias, new_logits: the new task model, likewise; optional for
             the masks that do not need it. Teachers receive no gradient (their hidden states and
             weights are detached; teacher logits that require grad are an error, as in

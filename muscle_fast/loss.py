@@ -62,9 +62,13 @@ def fused_compat_loss(
         logits: student logits [N, V] or [B, T, V], fp32/bf16/fp16 (fp64: ``impl="torch"``).
         labels: integer ids [N] or [B, T] (int64, int32, ...); ``logits[i]`` predicts
             ``labels[i]`` (callers shift).
-        old_logits: frozen logits of the old task model (required by every mask).
+        old_logits: frozen logits of the old task model (required by every mask), or a
+            :class:`SparseTeacher` (its top-k log-probabilities and a tail bucket: the KL is
+            then the exact KL over those k + 1 categories, docs/SPEC.md section 2; built at this
+            ``temperature``, and with ``labels=`` for the likelihood masks).
         new_logits: frozen logits of the new task model (required by ``"muscle"``,
-            ``"token_likelihood"``, ``"sequence_likelihood"``; optional otherwise, its term is 0).
+            ``"token_likelihood"``, ``"sequence_likelihood"``; optional otherwise, its term is 0),
+            or a :class:`SparseTeacher`.
         mask: a mask name, or a bool/0-1 tensor [N] or [B, T] (1 = align to old).
         temperature: T > 0 of the KL terms (the CE is at T = 1). No hidden T**2 factor.
         kl_weight, ce_weight: weights >= 0; a term with weight 0 is left out.
@@ -99,7 +103,8 @@ def fused_compat_loss(
             bf16. ``"sequence_likelihood"`` runs the collectives twice. The kernels read the
             student row twice (statistics, then gradient), like the single-device kernel on rows
             of more than 8192 columns. Under ``torch.compile`` this call runs eagerly (a graph
-            break: the collectives are not traced).
+            break: the collectives are not traced). Sparse teachers are not supported here yet
+            (an error).
         vocab_start: this rank's first vocabulary column. None: the slices are contiguous in
             group rank order, found with one all_gather of 16 bytes per rank and a host sync
             (which ``validate=True`` also uses to check that given starts tile the vocabulary).
