@@ -129,7 +129,7 @@ def _history(trainer):
 
 
 def _worker(case: str, out: Path, models: Path):
-    engine, path = case.split("-")
+    engine, path, *options = case.split("-")
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     import torch.distributed as dist
@@ -190,7 +190,7 @@ def _worker(case: str, out: Path, models: Path):
         DeepSpeedEngine.step = step_spy
 
     args = _training_args(out / "trainer", 1, accelerator_config={"use_configured_state": True},
-                          **kw)
+                          activation_checkpointing="checkpointing" in options, **kw)
     model = _build(models)  # after TrainingArguments: ZeRO-3 loads the bases under zero.Init
     zero_init = hasattr(model.student.get_output_embeddings().weight, "ds_shape")
     trainer = CompatTrainer(model=model, args=args, train_dataset=_rows(),
@@ -214,6 +214,7 @@ def _worker(case: str, out: Path, models: Path):
                                   trainer._old_model_engine.zero_optimization_stage())
     placed["fused_reason"] = model._fused_reason
     placed["zero_init"] = zero_init
+    placed["checkpointing"] = model.student.get_base_model().model.gradient_checkpointing
     trainer.save_model(str(out / "adapter"))
     torch.save({"history": _history(trainer), "grads": grads, "seen": seen, "placed": placed},
                out / f"rank{rank}.pt")
@@ -333,12 +334,14 @@ CASES = [
     pytest.param("zero2-materialised", id="zero2-materialised", marks=pytest.mark.slow),
     pytest.param("fsdp2-fused", id="fsdp2-fused", marks=pytest.mark.slow),
     pytest.param("fsdp2-materialised", id="fsdp2-materialised", marks=pytest.mark.slow),
+    pytest.param("zero3-fused-checkpointing", id="zero3-fused-activation-checkpointing",
+                 marks=pytest.mark.slow),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_factory):
-    engine, path = case.split("-")
+    engine, path, *_ = case.split("-")
     _needs(engine)
     ranks = _launch(case, tmp_path, models)
     ref = _reference(path, models, tmp_path_factory)
@@ -378,6 +381,7 @@ def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_fac
         else:
             assert placed["fused_reason"] is None and r["seen"] == []
         assert placed["zero_init"] == (engine == "zero3")
+        assert placed["checkpointing"] == case.endswith("-checkpointing")
         if engine == "zero3":
             assert placed["student"] == {"numel": 0, "dtensor": False, "ds": True}
             assert placed["old"] == {"numel": 0, "dtensor": False, "ds": True}
@@ -394,6 +398,28 @@ def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_fac
             else:  # a 1/WORLD share (ZeRO-3 pads each parameter's share by < 1 element; FSDP2
                 # splits dim 0, even for every parameter here)
                 assert abs(held - whole / WORLD) <= 4 * count, (engine, name, held, whole)
+
+
+def test_activation_checkpointing_equals_plain_training(models, tmp_path):
+    """``TrainingArguments(activation_checkpointing=True)`` reaches the student through
+    ``CompatModel.activation_checkpointing_enable`` and changes nothing but memory."""
+    from muscle_fast.train import CompatTrainer
+
+    results = []
+    for checkpointing in (False, True):
+        model = _build(models)
+        args = _training_args(tmp_path / str(checkpointing), WORLD, use_cpu=True,
+                              activation_checkpointing=checkpointing)
+        trainer = CompatTrainer(model=model, args=args, train_dataset=_rows(),
+                                compat_args=_compat_args("fused"))
+        trainer.train()
+        assert model.student.get_base_model().model.gradient_checkpointing == checkpointing
+        results.append((_history(trainer), {n: p.detach().clone() for n, p in
+                                            model.student.named_parameters() if p.requires_grad}))
+    (plain_history, plain), (ckpt_history, ckpt) = results
+    assert ckpt_history == plain_history
+    for k, w in plain.items():
+        _close(ckpt[k], w, f"adapter weight {k}")
 
 
 if __name__ == "__main__":

@@ -354,6 +354,15 @@ class CompatModel(nn.Module):
             self.student.train(was_training)
         return old, new
 
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs=None, **kwargs):
+        """Recompute the student's layers in its backward: ``TrainingArguments(
+        activation_checkpointing=True)`` (formerly ``gradient_checkpointing``) calls this. The
+        teachers run under ``no_grad`` and keep no activations."""
+        self.student.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self):
+        self.student.activation_checkpointing_disable()
+
     def compat_parameters(self):
         """The trainable parameters: those of the compatibility adapter."""
         return [p for p in self.student.parameters() if p.requires_grad]
