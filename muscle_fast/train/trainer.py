@@ -25,6 +25,11 @@ class CompatTrainer(Trainer):
     ``compat/<stat>`` (token-weighted means over the logging interval of the loss's stats, over
     the tokens of every data parallel rank) beside the loss. Checkpoints and the final save hold
     only the compatibility adapter (a plain peft adapter directory), plus the Trainer's state.
+
+    Under DeepSpeed (``TrainingArguments(deepspeed=...)``) the old model runs in its own inference
+    engine, as TRL prepares teacher models (ZeRO-3: partitioned; ZeRO-1/2: stage 0, whole); under
+    ZeRO-3 and FSDP2 ``save_model`` gathers the compatibility adapter on every rank and the main
+    process writes it (muscle_fast/train/DISTRIBUTED.md).
     """
 
     # compute_loss divides by num_items_in_batch, the token count of the whole accumulated batch,
