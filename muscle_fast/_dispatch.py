@@ -13,6 +13,7 @@ import torch
 
 from ._checks import check_impl_name
 from .ops.compat_loss.backends import NAMES as IMPLS
+from .ops.compat_loss.backends import TAKES_SPARSE
 
 ENV_VAR = "MUSCLE_FAST_IMPL"
 logger = logging.getLogger("muscle_fast")
@@ -123,9 +124,7 @@ def _say_once(message: str) -> None:
 
 
 def _takes_sparse(impl: str) -> bool:
-    from .ops.compat_loss.backends import backend
-
-    return impl == "torch" or backend(impl).sparse
+    return TAKES_SPARSE.get(impl, False)
 
 
 def choose_impl(impl: str, device: torch.device, dtype: torch.dtype, sparse: bool = False) -> str:
@@ -162,8 +161,9 @@ def choose_impl(impl: str, device: torch.device, dtype: torch.dtype, sparse: boo
     status = _status(preferred, device)
     if sparse and not (status.available and _takes_sparse(preferred)):
         why = "does not take a SparseTeacher yet" if status.available else "is unavailable"
-        _say_once(f"muscle_fast: impl={preferred!r} {why}; sparse teachers run the PyTorch row "
-                  "function (ops/compat_loss/torch_rows.py)")
+        if not torch.compiler.is_compiling():  # a logger call is a graph break: said eagerly
+            _say_once(f"muscle_fast: impl={preferred!r} {why}; sparse teachers run the PyTorch "
+                      "row function (ops/compat_loss/torch_rows.py)")
         return "torch_rows"
     if status.available:
         return preferred

@@ -547,3 +547,40 @@ def test_auto_without_sparse_kernel_says_so_once(caplog):
                 "torch_rows"
     said = [r for r in caplog.records if "SparseTeacher" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
+
+
+@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
+def test_torch_compile_fullgraph(linear):
+    """The sparse path traces without a graph break, and before any eager call has said its
+    one-time fallback message (a logger call inside the trace would break the graph)."""
+    import warnings
+
+    from muscle_fast import _dispatch
+    torch._dynamo.reset()
+    _dispatch._say_once.cache_clear()
+    z, y, o, w = make_inputs()
+    so = SparseTeacher.from_logits(o, k=4, labels=y)
+    sw = SparseTeacher.from_logits(w, k=6)
+    weight = torch.randn(z.shape[-1], 4)
+
+    def step(x, so, sw):
+        if linear:
+            loss, stats = mf.fused_linear_compat_loss(x, weight, y, old_logits=so, new_logits=sw,
+                                                      ce_weight=0.1, return_stats=True)
+        else:
+            loss, stats = mf.fused_compat_loss(x, y, so, sw, ce_weight=0.1, return_stats=True)
+        return loss * 2.0, stats.kl_old
+
+    x0 = torch.randn(2, 5, 4) if linear else z
+    x1, x2 = x0.clone().requires_grad_(True), x0.clone().requires_grad_(True)
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.")
+        comp = compiled(x2, so, sw)
+    eager = step(x1, so, sw)
+    comp[0].backward()
+    eager[0].backward()
+    torch.testing.assert_close(comp[0], eager[0])
+    torch.testing.assert_close(comp[1], eager[1])
+    torch.testing.assert_close(x2.grad, x1.grad)

@@ -11,6 +11,9 @@ import functools
 from typing import Callable, NamedTuple, Optional
 
 NAMES = ("triton", "native", "torch")
+# Whether a backend's row kernel takes sparse teachers (README.md, "Sparse teachers"): a table
+# rather than an import, so that dispatch reads it without loading any kernel module.
+TAKES_SPARSE = {"triton": False, "native": False, "torch": True, "torch_rows": True}
 
 
 class Backend(NamedTuple):
@@ -19,12 +22,16 @@ class Backend(NamedTuple):
     partials: Callable  # compat_partials_<name>: vocabulary-parallel statistics of a slice
     grad_rows: Callable  # compat_grad_rows_<name>: a slice's gradient from row constants
     scale: Callable  # scale_rows_<name>(grad, grad_output): grad *= grad_output in place
-    sparse: bool = False  # rows() takes sparse teachers (old_sparse=/new_sparse=, README.md)
+    sparse: bool = False  # rows() takes sparse teachers: TAKES_SPARSE[name]
+
+
+def backend(name: str) -> Backend:
+    """The kernels of backend ``name`` (one of ``NAMES``), importing its module once."""
+    return _backend(name)._replace(sparse=TAKES_SPARSE.get(name, False))
 
 
 @functools.lru_cache(maxsize=None)
-def backend(name: str) -> Backend:
-    """The kernels of backend ``name`` (one of ``NAMES``), importing its module once."""
+def _backend(name: str) -> Backend:
     if name == "triton":
         from . import triton as k
 
@@ -44,7 +51,7 @@ def backend(name: str) -> Backend:
         from .torch_rows import compat_loss_torch_rows
 
         return Backend(name, compat_loss_torch_rows, k.compat_partials_torch,
-                       k.compat_grad_rows_torch, k.scale_rows_torch, sparse=True)
+                       k.compat_grad_rows_torch, k.scale_rows_torch)
     if name == "torch":
         from . import torch_kernels as k
 
