@@ -209,11 +209,15 @@ struct Stream {
   int64_t arg = 0;       // first index of the max
   float lab = kNaN;      // x[y], found by column comparison
   double s = 0, s1 = 0;  // sum exp((x - m) k), sum exp(x - m)
-  double A = 0;          // sum exp((x - m) k) (x - z) k, teachers only
+  // teachers only: sum exp((x - m) k) ((x - ref) - (z - zref)) k, zref = the student's ref():
+  // every term is formed from differences to the row maxima (README.md, "Math per row")
+  double A = 0;
 
   float ref() const { return m == -kInf ? 0.0f : m; }
-  double lse(float k) const { return static_cast<double>(ref()) * k + std::log(s); }
-  double lse1() const { return static_cast<double>(ref()) + std::log(s1); }
+  // x[y] - ref - log sum exp(x - ref) = log_softmax(x)[y], without forming a large lse
+  double label_logp() const {
+    return (static_cast<double>(lab) - ref()) - std::log(s1);
+  }
 
   // max of the chunk, first-index argmax, label lookup, rescale of the sums on a new max
   void observe(const float* x, int n, int64_t c0, int64_t y, float k) {
@@ -223,8 +227,10 @@ struct Stream {
       arg = c0 + j;
       const double d = static_cast<double>(m) - static_cast<double>(cm);
       const double f = std::exp(d * k);
+      // (x - ref) falls by -d for every term so far; f == 0 (also m == -inf, where s == 0):
+      // the terms so far are negligible
+      A = f == 0.0 ? 0.0 : f * (A + s * d * k);
       s *= f;
-      A *= f;
       s1 *= std::exp(d);
       m = cm;
     }
@@ -259,8 +265,9 @@ inline void sum_student(const float* x, int n, float ref, float k, Stream& sm) {
 }
 
 template <int V1>
-inline void sum_teacher(const float* t, const float* z, int n, float ref, float k, Stream& sm) {
-  const vf vref = splat(ref), zero = vf{};
+inline void sum_teacher(const float* t, const float* z, int n, float ref, float zref, float k,
+                        Stream& sm) {
+  const vf vref = splat(ref), vzref = splat(zref), zero = vf{};
   for (int b0 = 0; b0 < n; b0 += BLK) {
     const int b1 = std::min(n, b0 + BLK);
     vf a = vf{}, b = vf{}, c = vf{};
@@ -269,8 +276,8 @@ inline void sum_teacher(const float* t, const float* z, int n, float ref, float 
       const vf d = tv - vref;
       const vf e = V1 == 1 ? vexp(d) : vexp(d * k);
       a += e;
-      // p_t = 0 terms are 0 even where t - z is -inf or NaN (t = z = -inf)
-      c += e > zero ? e * ((tv - zv) * k) : zero;
+      // p_t = 0 terms are 0 even where z - zref is -inf or NaN (t = z = -inf)
+      c += e > zero ? e * ((d - (zv - vzref)) * k) : zero;
       if (V1 == 2) b += e * e;
       if (V1 == 3) b += vexp(d);
     }
@@ -288,13 +295,13 @@ inline void sum_student_v(int v1, const float* x, int n, float ref, float k, Str
   }
 }
 
-inline void sum_teacher_v(int v1, const float* t, const float* z, int n, float ref, float k,
-                          Stream& sm) {
+inline void sum_teacher_v(int v1, const float* t, const float* z, int n, float ref, float zref,
+                          float k, Stream& sm) {
   switch (v1) {
-    case 0: sum_teacher<0>(t, z, n, ref, k, sm); break;
-    case 1: sum_teacher<1>(t, z, n, ref, k, sm); sm.s1 = sm.s; break;
-    case 2: sum_teacher<2>(t, z, n, ref, k, sm); break;
-    default: sum_teacher<3>(t, z, n, ref, k, sm); break;
+    case 0: sum_teacher<0>(t, z, n, ref, zref, k, sm); break;
+    case 1: sum_teacher<1>(t, z, n, ref, zref, k, sm); sm.s1 = sm.s; break;
+    case 2: sum_teacher<2>(t, z, n, ref, zref, k, sm); break;
+    default: sum_teacher<3>(t, z, n, ref, zref, k, sm); break;
   }
 }
 
@@ -365,17 +372,22 @@ void stream_row(const Operand& z, const Operand& o, const Operand& w, int64_t zo
   for (int64_t c0 = 0; c0 < V; c0 += CH) {
     const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
     const float* xz = load(z.data, z.dtype, zoff + c0, n, buf.z);
+    const float zref0 = Z.ref();
     Z.observe(xz, n, c0, y, k);
     sum_student_v(vz, xz, n, Z.ref(), k, Z);
+    // a new student max: (z - zref) falls by dz for every teacher term so far
+    const double dz = (static_cast<double>(Z.ref()) - zref0) * k;
     if (o.data) {
+      O.A += O.s * dz;
       const float* xo = load(o.data, o.dtype, ooff + c0, n, buf.o);
       O.observe(xo, n, c0, y, k);
-      sum_teacher_v(vo, xo, xz, n, O.ref(), k, O);
+      sum_teacher_v(vo, xo, xz, n, O.ref(), Z.ref(), k, O);
     }
     if (w.data) {
+      W.A += W.s * dz;
       const float* xw = load(w.data, w.dtype, woff + c0, n, buf.w);
       W.observe(xw, n, c0, y, k);
-      sum_teacher_v(0, xw, xz, n, W.ref(), k, W);
+      sum_teacher_v(0, xw, xz, n, W.ref(), Z.ref(), k, W);
     }
   }
 }
@@ -403,18 +415,20 @@ void row(const RowArgs& a, int64_t i, Buffers& buf) {
   Stream Z, O, W;
   stream_row(a.z, a.o, a.w, zoff, ooff, woff, V, y, k, vz, vo, buf, Z, O, W);
 
-  const double lse_zT = Z.lse(k), lse_z1 = Z.lse1();
-  const double ce = lse_z1 - static_cast<double>(Z.lab);  // NaN for a bad label
-  const double kl_old = has_o ? O.A / O.s - O.lse(k) + lse_zT : 0.0;
-  const double kl_new = has_w ? W.A / W.s - W.lse(k) + lse_zT : 0.0;
-  const double old_logp = need_o1 ? static_cast<double>(O.lab) - O.lse1() : 0.0;
+  // O(1) quantities only: differences to the row maxima and logs of sums relative to them
+  const double log_zT = std::log(Z.s);
+  const double z_logp = Z.label_logp();  // NaN for a bad label
+  const double ce = -z_logp;
+  const double kl_old = has_o ? O.A / O.s - std::log(O.s) + log_zT : 0.0;
+  const double kl_new = has_w ? W.A / W.s - std::log(W.s) + log_zT : 0.0;
+  const double old_logp = need_o1 ? O.label_logp() : 0.0;
 
   bool m;
   switch (a.mask_mode) {
     case kMaskGiven: m = a.mask[i] != 0.0f; break;
     case kMuscle: m = Z.arg != y; break;
     case kOldCorrect: m = has_o && O.arg == y; break;
-    case kTokenLikelihood: m = static_cast<double>(Z.lab) - lse_z1 < old_logp; break;
+    case kTokenLikelihood: m = z_logp < old_logp; break;
     default: m = true; break;
   }
   const Stream* teacher = m ? (has_o ? &O : nullptr) : (has_w ? &W : nullptr);

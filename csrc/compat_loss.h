@@ -17,7 +17,8 @@ enum MaskMode : int { kMaskGiven = 0, kMuscle = 1, kOldCorrect = 2, kTokenLikeli
 enum StatCol : int {
   kLoss = 0, kToOld, kHitStudent, kHitOld, kHitNew, kKlOld, kKlNew, kCe, kOldLogp, kStatCols
 };
-// vocabulary parallel: partial statistics per row
+// vocabulary parallel: partial statistics per row (kOA, kWA: the KL partial, relative to this
+// slice's maxima of teacher and student; README.md)
 enum PartialCol : int {
   kZMax = 0, kZArg, kZSt, kZS1, kZY, kOMax, kOArg, kOS, kOA, kOS1, kOY, kWMax, kWArg, kWS, kWA,
   kPartialCols

@@ -57,6 +57,10 @@ def _cases(device="cpu"):
                  inplace_backward=True),
             dict(impl=impl, dtype=torch.float32, mask="muscle", all_ignored=True),
             dict(impl=impl, dtype=torch.float32, mask="muscle", vocab_start=True, validate=False),
+            # rows far from 0 (issue #23 item 3): the combination moves O(1) partials only
+            dict(impl=impl, dtype=torch.float32, mask="all_old", ce_weight=1.0, magnitude=True),
+            dict(impl=impl, dtype=torch.float32, mask="token_likelihood", ce_weight=1.0,
+                 magnitude=True),
         ]
     out += [dict(impl="torch", dtype=torch.float64, mask=m, ce_weight=0.25) for m in MASKS]
     return out
@@ -74,6 +78,15 @@ def _inputs(case):
     # masked vocabulary entries (-inf in every model): rank 0's whole slice in the 3-way split
     z[1, 2, :12] = o[1, 2, :12] = w[1, 2, :12] = float("-inf")
     o[2, 3, 10:30] = float("-inf")  # the old model puts no mass there
+    if case.get("magnitude"):
+        # student rows constant at +-1e4 ... 1e30, teachers offset by up to 1e30, an old row
+        # constant at 1e38 (float64 losses of order 1; issue #23 item 3)
+        z[0] = torch.tensor([1e4, 1e7, 1e10, 1e30, -1e30], dtype=torch.float64)[:, None]
+        z[2] = z[2] + 1e10
+        o[1] = o[1] + 1e30
+        w[1] = w[1] - 1e10
+        o[2, 1] = 1e38
+        o[2, 3] = o[2, 3] + 1e7
     labels = torch.randint(0, V, (B, T), generator=g)
     labels[0, 0], labels[0, 1] = 3, 24
     ignore = case.get("ignore_index", -100)

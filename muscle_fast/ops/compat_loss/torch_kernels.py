@@ -40,6 +40,7 @@ def compat_partials_torch(
 
     cols: List[Tensor] = [zero] * N_PARTIALS
     zm, za, zr, ez = _stream(z, k)
+    z_gap = z - zr[:, None]
     cols[P.Z_MAX], cols[P.Z_ARG], cols[P.Z_ST] = zm, za.to(compute), ez.sum(-1)
     cols[P.Z_S1] = torch.exp(z - zr[:, None]).sum(-1)
     cols[P.Z_Y] = at_label(z)
@@ -51,8 +52,9 @@ def compat_partials_torch(
         t = x.reshape(-1, V).to(compute)
         tm, ta, tr, et = _stream(t, k)
         cols[c_max], cols[c_arg], cols[c_s] = tm, ta.to(compute), et.sum(-1)
-        # p_t == 0 terms are 0, also where the student is -inf there
-        cols[c_a] = torch.where(et == 0, torch.zeros_like(et), et * (t - z) * k).sum(-1)
+        # differences to the maxima only; p_t == 0 terms are 0, also where the student is -inf
+        terms = et * ((t - tr[:, None]) - z_gap) * k
+        cols[c_a] = torch.where(et == 0, torch.zeros_like(et), terms).sum(-1)
         if at_one:
             cols[P.O_S1] = torch.exp(t - tr[:, None]).sum(-1)
             cols[P.O_Y] = at_label(t)

@@ -53,8 +53,11 @@ NEG_INF = tl.constexpr(float("-inf"))
 # increasing order), so the loop body has no reduction, no barrier and one exp per sum and
 # column: of exp(old max - new max) and exp(x - new max) one is exp(0) = 1. `_lanes_reduce`
 # combines the lanes once per row. Exponentials are exp2 of arguments scaled by log2(e)/T.
+# A teacher's KL partial a = sum e ((x - m) - (z - zr)) holds differences to the lane maxima
+# only (zr: the student lane's max, 0 while it is -inf), never a logit's absolute size.
 @triton.jit
 def _lane_student(z, cols, m, arg, s_t, s_1, c_t):
+    """The student lane's update; also (z - zr, the rise of zr) for the teachers' KL partials."""
     up = z > m  # strictly: a lane keeps its first index on ties
     nd = -tl.abs(z - m)  # smaller minus larger (NaN only when both are -inf, or z is NaN)
     dead = z == NEG_INF
@@ -62,19 +65,23 @@ def _lane_student(z, cols, m, arg, s_t, s_1, c_t):
     e_1 = tl.where(dead, 0.0, tl.exp2(nd * LOG2E))
     s_t = tl.where(up, s_t * e_t + 1.0, s_t + e_t)
     s_1 = tl.where(up, s_1 * e_1 + 1.0, s_1 + e_1)
-    return tl.where(up, z, m), tl.where(up, cols, arg), s_t, s_1
+    r0 = tl.where(m == NEG_INF, 0.0, m)
+    r1 = tl.where(up, z, r0)
+    return tl.where(up, z, m), tl.where(up, cols, arg), s_t, s_1, z - r1, r1 - r0
 
 
 @triton.jit
-def _lane_teacher(x, z, cols, m, arg, s, a, s_1, c_t, AT_ONE: tl.constexpr):
+def _lane_teacher(x, zd, dz, cols, m, arg, s, a, s_1, c_t, AT_ONE: tl.constexpr):
     up = x > m
-    nd = -tl.abs(x - m)
+    nd = -tl.abs(x - m)  # x - m, or on a new max m - x
     dead = x == NEG_INF
     e = tl.where(dead, 0.0, tl.exp2(nd * c_t))
-    # p_t == 0 contributes 0 even where the student is -inf (0 * inf)
-    pe = tl.where(e == 0.0, 0.0, e * (x - z))
+    b = a + s * dz  # the student's reference rose by dz
+    # the new column's term, or on a new max the terms so far rescaled; e == 0: p_t == 0 (also
+    # where the student is -inf: 0 * inf), or the terms so far are negligible
+    q = tl.where(e == 0.0, 0.0, e * tl.where(up, b + s * nd, nd - zd))
+    a = tl.where(up, q - zd, b + q)
     s = tl.where(up, s * e + 1.0, s + e)
-    a = tl.where(up, a * e + (x - z), a + pe)
     if AT_ONE:
         e_1 = tl.where(dead, 0.0, tl.exp2(nd * LOG2E))
         s_1 = tl.where(up, s_1 * e_1 + 1.0, s_1 + e_1)
@@ -84,10 +91,10 @@ def _lane_teacher(x, z, cols, m, arg, s, a, s_1, c_t, AT_ONE: tl.constexpr):
 @triton.jit
 def _lanes_step(z, o, w, cols, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
                 HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr):
-    zm, za, zst, zs1 = _lane_student(z, cols, zm, za, zst, zs1, c_t)
-    om, oa, so, ao, so1 = _lane_teacher(o, z, cols, om, oa, so, ao, so1, c_t, OLD_AT_ONE)
+    zm, za, zst, zs1, zd, dz = _lane_student(z, cols, zm, za, zst, zs1, c_t)
+    om, oa, so, ao, so1 = _lane_teacher(o, zd, dz, cols, om, oa, so, ao, so1, c_t, OLD_AT_ONE)
     if HAS_NEW:
-        wm, wa, sw, aw, _ = _lane_teacher(w, z, cols, wm, wa, sw, aw, sw, c_t, False)
+        wm, wa, sw, aw, _ = _lane_teacher(w, zd, dz, cols, wm, wa, sw, aw, sw, c_t, False)
     return zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw
 
 
@@ -113,6 +120,46 @@ def _lanes_sum(s, m, s2, m2, ref, c, TWO: tl.constexpr):
     if TWO:
         total += tl.sum(s2 * tl.exp2((m2 - ref) * c), 0)
     return total
+
+
+@triton.jit
+def _lane_kl(a, s, m, zm, ref, zref, c):
+    """A lane's KL partial rescaled from its maxima (m teacher, zm student) to the row's
+    references ref and zref (0 for a lane whose factor is 0: no mass, or negligible)."""
+    f = tl.exp2((m - ref) * c)
+    zr = tl.where(zm == NEG_INF, 0.0, zm)
+    return tl.where(f == 0.0, 0.0, f * (a + s * ((m - ref) - (zr - zref))))
+
+
+@triton.jit
+def _add2(a, b, c, d):
+    return a + c, b + d
+
+
+@triton.jit
+def _block_sum_kl(x, z, ref, zref, c):
+    """A teacher's (sum e, KL partial sum e ((x - ref) - (z - zref))) over a block holding one
+    column a lane (`_one_block_state`), e = exp2((x - ref) c), terms with e == 0 left out; one
+    reduction for both (e dies at once: the one-block row's registers are full)."""
+    e = tl.exp2((x - ref) * c)
+    return tl.reduce((e, tl.where(e == 0.0, 0.0, e * ((x - ref) - (z - zref)))), 0, _add2)
+
+
+@triton.jit
+def _teacher_sums(x, z, x2, z2, m, m2, s, s2, a, zm, ref, zref, c, SINGLE_BLOCK: tl.constexpr,
+                  TWO: tl.constexpr):
+    """A teacher's row sum S and KL partial A relative to the row's references: from the block
+    itself (SINGLE_BLOCK; TWO: and its rest block), else from the lanes' running state."""
+    if SINGLE_BLOCK:
+        total, kl = _block_sum_kl(x, z, ref, zref, c)
+        if TWO:
+            total2, kl2 = _block_sum_kl(x2, z2, ref, zref, c)
+            total += total2
+            kl += kl2
+    else:
+        total = _lanes_sum(s, m, s2, m2, ref, c, False)
+        kl = tl.sum(_lane_kl(a, s, m, zm, ref, zref, c), 0)
+    return total, kl
 
 
 @triton.jit
@@ -152,13 +199,12 @@ def _one_block_cols(z_row, V, SUB: tl.constexpr):
 @triton.jit
 def _one_block_state(z, o, w, cols):
     """Per-lane statistics of a block holding one column a lane: each lane's max is its value,
-    its sums 1 (0 where -inf), its KL partial the teacher's logit minus the student's."""
+    its sums 1 (0 where -inf); the KL partials are taken from the block itself (`_block_kl`)."""
     zero = tl.zeros_like(z)
     zs = tl.where(z == NEG_INF, 0.0, 1.0)
     os_ = tl.where(o == NEG_INF, 0.0, 1.0)
     ws = tl.where(w == NEG_INF, 0.0, 1.0)
-    return (z, cols, zs, zs, o, cols, os_, tl.where(o == NEG_INF, zero, o - z), os_,
-            w, cols, ws, tl.where(w == NEG_INF, zero, w - z))
+    return (z, cols, zs, zs, o, cols, os_, zero, os_, w, cols, ws, zero)
 
 
 @triton.jit
@@ -270,8 +316,8 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
     s_st = _lanes_sum(zst, zm, zst2, zm2, zref, c_t, TWO)
     s_s1 = _lanes_sum(zs1, zm, zs12, zm2, zref, LOG2E, TWO)
     ob, o_arg, oref = _lanes_max(om, oa, om2, oa2, TWO)
-    s_o = _lanes_sum(so, om, so2, om2, oref, c_t, TWO)
-    a_o = _lanes_sum(ao, om, ao2, om2, oref, c_t, TWO)
+    s_o, a_o = _teacher_sums(o, z, orr, zr, om, om2, so, so2, ao, zm, oref, zref, c_t,
+                             SINGLE_BLOCK, TWO)
     s_o1 = 0.0
     if OLD_AT_ONE:
         s_o1 = _lanes_sum(so1, om, so12, om2, oref, LOG2E, TWO)
@@ -281,8 +327,8 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
     a_w = s_w
     if HAS_NEW:
         wb, w_arg, wref = _lanes_max(wm, wa, wm2, wa2, TWO)
-        s_w = _lanes_sum(sw, wm, sw2, wm2, wref, c_t, TWO)
-        a_w = _lanes_sum(aw, wm, aw2, wm2, wref, c_t, TWO)
+        s_w, a_w = _teacher_sums(w, z, wr, zr, wm, wm2, sw, sw2, aw, zm, wref, zref, c_t,
+                                 SINGLE_BLOCK, TWO)
     return (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o, w, zr,
             orr, wr)
 
@@ -460,14 +506,14 @@ def _compat_loss_kernel(
     log_st = tl.log(s_st)
     log_s1 = tl.log(s_s1)
     log_so = tl.log(s_o)
-    # KL = E_pt[(x - z)/T] - lse_t + lse_s, ordered so that the large logit offsets cancel first
-    kl_old = (a_o / s_o - (os_ - zs)) * inv_t - log_so + log_st
+    # KL = E_pt[(x - xref) - (z - zref)]/T - log S_t + log S_s: differences to the maxima only
+    kl_old = (a_o / s_o) * inv_t - log_so + log_st
     ce = (zs - z_y) + log_s1
     kl_new = 0.0
     log_sw = 0.0
     if HAS_NEW:
         log_sw = tl.log(s_w)
-        kl_new = (a_w / s_w - (ws - zs)) * inv_t - log_sw + log_st
+        kl_new = (a_w / s_w) * inv_t - log_sw + log_st
 
     if MASK_MODE == M_GIVEN:
         to_old = tl.load(m_ptr + row) != 0
@@ -847,7 +893,7 @@ def compat_partials_triton(
     out = torch.empty((n, N_PARTIALS), dtype=torch.float32, device=logits.device)
     if n == 0:
         return out
-    block = _loop_block(V)
+    block = max(2, _loop_block(V))  # two blocks of BLOCK_V // 2 a loop iteration: V = 1 too
     w = new_logits if new_logits is not None else old_logits
     with _on_device_of(logits):
         _compat_partials_kernel[(n,)](

@@ -147,12 +147,21 @@ class VocabParallel:
         ref = _safe(gmax)
         f_k = torch.exp((local_max - ref) * k)  # 0 for a slice whose maximum is -inf
         f_1 = torch.exp(local_max - ref)
+        # the KL partials move from this slice's references to the global ones: every term's
+        # (t - tref) - (z - zref) shifts by the same (tref_local - tref) - (zref_local - zref)
+        shift = (_safe(local_max) - ref) * k
+        shift = shift[:, 1:] - shift[:, :1]
+
+        def kl_partial(a, s, j):
+            moved = f_k[:, j] * (a + s * shift[:, j - 1])
+            return torch.where(f_k[:, j] == 0, torch.zeros_like(moved), moved)
+
         cols = [p[:, P.Z_ST] * f_k[:, 0], p[:, P.Z_S1] * f_1[:, 0], p[:, P.Z_Y], owned.to(p.dtype),
-                p[:, P.O_S] * f_k[:, 1], p[:, P.O_A] * f_k[:, 1]]
+                p[:, P.O_S] * f_k[:, 1], kl_partial(p[:, P.O_A], p[:, P.O_S], 1)]
         if old_at_one:
             cols += [p[:, P.O_S1] * f_1[:, 1], p[:, P.O_Y]]
         if has_new:
-            cols += [p[:, P.W_S] * f_k[:, 2], p[:, P.W_A] * f_k[:, 2]]
+            cols += [p[:, P.W_S] * f_k[:, 2], kl_partial(p[:, P.W_A], p[:, P.W_S], 2)]
         sums = torch.stack(cols, 1)
         works = [self._all_reduce(sums, "SUM", True), self._all_reduce(cand, "MIN", True)]
         for w in works:
@@ -177,9 +186,9 @@ def _finalize(sums, arg, ref, labels, valid, has_new, old_at_one, mask_mode, mas
     y_ok = n_own == 1
     z_y = torch.where(y_ok, z_y, nan)
     log_st, log_s1, log_so = torch.log(s_t), torch.log(s_1), torch.log(s_o)
-    # the same expression, in the same order, as the single-device kernels
-    kl_old = (a_o / s_o - (os_ - zs) * k) - log_so + log_st
-    kl_new = (a_w / s_w - (ref[:, 2] - zs) * k) - torch.log(s_w) + log_st if has_new else zero.expand_as(kl_old)
+    # the same expression, in the same order, as the single-device kernels: O(1) terms only
+    kl_old = a_o / s_o - log_so + log_st
+    kl_new = a_w / s_w - torch.log(s_w) + log_st if has_new else zero.expand_as(kl_old)
     ce = (zs - z_y) + log_s1
     old_logp = (torch.where(y_ok, o_y, nan) - os_) - torch.log(s_o1) if old_at_one else zero.expand_as(ce)
     hit_z, hit_o = arg[:, 0] == labels, arg[:, 1] == labels
