@@ -334,6 +334,13 @@ def _case(name):
         top = torch.randn(*lead, V).topk(k, -1).indices
         z.scatter_(-1, top, 60.0 + torch.rand(top.shape))
         o = torch.zeros(*lead, V).scatter_(-1, top, math.log(3.0 * (V - k) / k))
+    elif name == "far_student":
+        # as above with gaps of ~200: every student term outside K underflows float32 relative
+        # to the row max (a tail sum of exactly 0), while Q_tail = e^-200 is a float64 number
+        T = 1.0
+        top = torch.randn(*lead, V).topk(k, -1).indices
+        z.scatter_(-1, top, 200.0 + torch.rand(top.shape))
+        o = torch.zeros(*lead, V).scatter_(-1, top, math.log(3.0 * (V - k) / k))
     elif name == "k1":
         k = 1
     elif name == "all_ignored":
@@ -341,8 +348,8 @@ def _case(name):
     return z, o, y, k, T
 
 
-CASES = ["random", "ties", "neg_inf", "tail_near_0", "tail_near_1", "confident_student", "k1",
-         "all_ignored"]
+CASES = ["random", "ties", "neg_inf", "tail_near_0", "tail_near_1", "confident_student",
+         "far_student", "k1", "all_ignored"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -384,8 +391,27 @@ def test_k_below_vocab_matches_the_formula(use_impl, impl, name):
         assert_pass_rule(got[0], same[0], want_loss, torch.float32, f"{name} loss")
         assert_pass_rule(got[1], same[1], want_grad, torch.float32, f"{name} grad")
     assert torch.isfinite(got[1]).all()
-    if name == "confident_student":  # the case 1 - sum_K q_j gets wrong
+    if name in ("confident_student", "far_student"):  # the cases 1 - sum_K q_j gets wrong
         assert torch.isfinite(got[0]) and float(got[0]) > 1.0
+
+
+@pytest.mark.parametrize("name", ["neg_inf", "far_student", "random"])
+def test_torch_rows_without_compaction(use_impl, monkeypatch, name):
+    """Off the CPU the row function redoes every row's tail against its own maximum (no host
+    read to find the tiny ones): the same numbers."""
+    from muscle_fast.ops.compat_loss import torch_rows
+    z, o, y, k, T = _case(name)
+    so = SparseTeacher.from_logits(o, k=k, temperature=T)
+    up = torch.tensor(1.0)
+
+    def f(x, **kw):
+        return mf.fused_compat_loss(x, y, so, mask="all_old", temperature=T, reduction="sum", **kw)
+
+    a = run(f, use_impl("torch_rows"), z, up)
+    monkeypatch.setattr(torch_rows, "_compact", lambda device: False)
+    b = run(f, use_impl("torch_rows"), z, up)
+    assert max_err(a[0], b[0]) <= 1e-6 * max(1.0, abs(float(a[0])) if torch.isfinite(a[0]) else 1)
+    assert max_err(a[1], b[1]) <= 1e-7
 
 
 @pytest.mark.parametrize("impl", FUSED)
