@@ -323,28 +323,26 @@ def _close(a, b, what, atol=ATOL, rtol=RTOL):
     torch.testing.assert_close(a, b, atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
-def _needs(engine: str):
-    if engine.startswith("zero") and importlib.util.find_spec("deepspeed") is None:
-        pytest.skip("deepspeed is not installed (pip install 'muscle_fast[deepspeed]'; "
-                    "`make install` does)")
-
+DEEPSPEED = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="deepspeed is not installed (pip install 'muscle_fast[deepspeed]'; `make install` does)")
+SLOW = pytest.mark.slow
 
 CASES = [
-    pytest.param("zero3-fused", id="zero3-fused"),
-    pytest.param("zero3-materialised", id="zero3-materialised", marks=pytest.mark.slow),
-    pytest.param("zero2-fused", id="zero2-fused", marks=pytest.mark.slow),
-    pytest.param("zero2-materialised", id="zero2-materialised", marks=pytest.mark.slow),
-    pytest.param("fsdp2-fused", id="fsdp2-fused", marks=pytest.mark.slow),
-    pytest.param("fsdp2-materialised", id="fsdp2-materialised", marks=pytest.mark.slow),
+    pytest.param("zero3-fused", id="zero3-fused", marks=DEEPSPEED),
+    pytest.param("zero3-materialised", id="zero3-materialised", marks=[DEEPSPEED, SLOW]),
+    pytest.param("zero2-fused", id="zero2-fused", marks=[DEEPSPEED, SLOW]),
+    pytest.param("zero2-materialised", id="zero2-materialised", marks=[DEEPSPEED, SLOW]),
+    pytest.param("fsdp2-fused", id="fsdp2-fused", marks=SLOW),
+    pytest.param("fsdp2-materialised", id="fsdp2-materialised", marks=SLOW),
     pytest.param("zero3-fused-checkpointing", id="zero3-fused-activation-checkpointing",
-                 marks=pytest.mark.slow),
+                 marks=[DEEPSPEED, SLOW]),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_factory):
     engine, path, *_ = case.split("-")
-    _needs(engine)
     ranks = _launch(case, tmp_path, models)
     ref = _reference(path, models, tmp_path_factory)
 
