@@ -104,6 +104,7 @@ def lm_eval_logs(tmp_path_factory):
     )
 
     out = {}
+    task_manager = TaskManager(include_path=str(tasks))  # indexes every lm_eval task: build it once
     for name, seed in (("old", 1), ("new", 2), ("compat", 3)):
         torch.manual_seed(seed)
         cfg = transformers.LlamaConfig(
@@ -126,7 +127,7 @@ def lm_eval_logs(tmp_path_factory):
             model="hf",
             model_args=f"pretrained={mdir},tokenizer={mdir}",
             tasks=["flips_mc", "flips_gen"],
-            task_manager=TaskManager(include_path=str(tasks)),
+            task_manager=task_manager,
             log_samples=True,
             device="cpu",
             batch_size=8,
