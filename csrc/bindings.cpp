@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <tuple>
+#include <utility>
 
 #include "compat_loss.h"
 
@@ -16,6 +18,8 @@ namespace py = pybind11;
 namespace {
 
 using Strides = std::array<int64_t, 3>;
+// a sparse teacher: (idx, lp, row) addresses (0 for none) and k
+using SparseArg = std::tuple<uintptr_t, uintptr_t, uintptr_t, int64_t>;
 
 [[noreturn]] void fail(const std::string& msg) { throw py::value_error("muscle_fast._native: " + msg); }
 
@@ -39,8 +43,15 @@ int compat_loss_rows(int64_t B, int64_t T, int64_t V, uintptr_t logits, int logi
                           Strides grad_strides, uintptr_t row_stats, double scale, int mask_mode,
                           double inv_temperature, double kl_weight, double ce_weight,
                           int64_t ignore_index, bool old_label_logprob, int num_threads,
-                          const std::string& isa) {
+                          const std::string& isa, const SparseArg& old_sparse,
+                          const SparseArg& new_sparse) {
   mf::RowArgs a;
+  for (auto [dst, src] : {std::make_pair(&a.so, &old_sparse), std::make_pair(&a.sw, &new_sparse)}) {
+    dst->idx = ptr<const int32_t>(std::get<0>(*src));
+    dst->lp = ptr<const float>(std::get<1>(*src));
+    dst->row = ptr<const float>(std::get<2>(*src));
+    dst->k = std::get<3>(*src);
+  }
   a.B = B;
   a.T = T;
   a.V = V;
@@ -156,6 +167,7 @@ PYBIND11_MODULE(_native, m) {
   m.attr("N_STATS") = static_cast<int>(mf::kStatCols);
   m.attr("N_PARTIALS") = static_cast<int>(mf::kPartialCols);
   m.attr("N_ROW_CONSTS") = static_cast<int>(mf::kRowConsts);
+  m.attr("N_SPARSE_COLS") = static_cast<int>(mf::kSparseCols);
   py::dict modes;
   modes["GIVEN"] = static_cast<int>(mf::kMaskGiven);
   modes["MUSCLE"] = static_cast<int>(mf::kMuscle);
@@ -171,8 +183,11 @@ PYBIND11_MODULE(_native, m) {
         py::arg("mask_mode"), py::arg("inv_temperature"), py::arg("kl_weight"),
         py::arg("ce_weight"), py::arg("ignore_index"), py::arg("old_label_logprob"),
         py::arg("num_threads"), py::arg("isa") = "",
+        py::arg("old_sparse") = SparseArg{0, 0, 0, 0}, py::arg("new_sparse") = SparseArg{0, 0, 0, 0},
         "Row kernel of compat_loss (see ops/compat_loss/README.md). Pointers are addresses, 0 "
         "for None; strides are in elements; dtype codes 0 float32, 1 bfloat16, 2 float16. "
+        "old_sparse / new_sparse: (idx int32 [B*T, k], lp float32 [B*T, k], row float32 "
+        "[B*T, 3], k) of a teacher given sparsely, zeros for none. "
         "Returns the number of threads that ran.");
   m.def("compat_partials", &compat_partials, py::arg("B"), py::arg("T"), py::arg("V"),
         py::arg("logits"), py::arg("logits_dtype"), py::arg("logits_strides"), py::arg("labels"),

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "thread_pool.h"
 
@@ -362,13 +363,95 @@ struct Buffers {
   alignas(64) float o[CH];
   alignas(64) float w[CH];
   alignas(64) float g[CH];
+  std::vector<float> zk[2];  // a sparse teacher's student logits z[idx] (old, new)
+};
+
+// The student's stream over the columns outside a sparse teacher's ids K (README.md, "Sparse
+// teachers"): running max m and sum exp((z - m) k) of those columns only, so that Q_tail is a
+// sum of its own terms, never 1 - sum_K q (which cancels when K holds the student's mass).
+struct Tail {
+  float m = -kInf;
+  double s = 0;
+  int64_t p = 0;  // the next of the row's ascending ids
+
+  float ref() const { return m == -kInf ? 0.0f : m; }
+
+  void observe(const float* xz, int n, int64_t c0, const int32_t* ids, int64_t nk, float k,
+               float* tmp) {
+    std::memcpy(tmp, xz, sizeof(float) * n);
+    for (; p < nk && ids[p] < c0 + n; ++p) tmp[ids[p] - c0] = -kInf;
+    int j;
+    const float cm = chunk_max(tmp, n, &j);
+    if (cm > m) {
+      s *= std::exp((static_cast<double>(m) - cm) * k);
+      m = cm;
+    }
+    const vf vref = splat(ref());
+    for (int b0 = 0; b0 < n; b0 += BLK) {
+      const int b1 = std::min(n, b0 + BLK);
+      vf a = vf{};
+      for (int jj = b0; jj < b1; jj += L) {
+        const vf d = ld_any(tmp, jj, n) - vref;
+        a += k == 1.0f ? vexp(d) : vexp(d * k);
+      }
+      s += hsum(a);
+    }
+  }
+};
+
+inline float load1(const Operand& x, int64_t off) {
+  if (x.dtype == kFloat32) return static_cast<const float*>(x.data)[off];
+  const uint16_t h = static_cast<const uint16_t*>(x.data)[off];
+  vh v{};
+  v[0] = h;
+  return x.dtype == kBFloat16 ? bf16_to_f(v)[0] : f16_to_f(v)[0];
+}
+
+// One sparse teacher of one row, after the student's stream: its KL over the k + 1 categories
+// (the k ids and the tail bucket) and what its gradient needs.
+struct SparseRow {
+  const int32_t* ids = nullptr;
+  const float* lp = nullptr;
+  const float* scalars = nullptr;  // SparseCol
+  int64_t k = 0;
+  float* zk = nullptr;             // z[ids]
+  double kl = 0;
+  float tref = 0, rt = 0;          // tail target exp((z - tref) k) * rt outside K
+
+  int64_t argmax() const { return static_cast<int64_t>(scalars[kArgmax]); }
+
+  void finish(const Operand& z, int64_t zoff, const Stream& Z, const Tail& tl, float kT) {
+    const double log_sz = std::log(Z.s), zref = Z.ref();
+    double acc = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      zk[j] = load1(z, zoff + ids[j]);
+      const double p = std::exp(static_cast<double>(lp[j]));
+      // p == 0 terms are 0, also against a -inf student logit
+      if (p > 0) acc += p * (static_cast<double>(lp[j]) - ((zk[j] - zref) * kT - log_sz));
+    }
+    const double tail = scalars[kTail], p_tail = std::exp(tail);
+    tref = Z.ref();
+    rt = 0.0f;
+    if (p_tail > 0) {
+      if (tl.s > 0) {
+        const double log_qt = (static_cast<double>(tl.ref()) - zref) * kT + std::log(tl.s) - log_sz;
+        acc += p_tail * (tail - log_qt);
+        tref = tl.ref();
+        rt = static_cast<float>(p_tail / tl.s);
+      } else {
+        acc = kInf;  // tail mass where the student has none
+      }
+    }
+    kl = acc;
+  }
 };
 
 // One pass over a row's columns, chunk by chunk: the student's and each given teacher's stream
 // (max, first argmax, label value, exp sums relative to the running max, KL partial A).
 void stream_row(const Operand& z, const Operand& o, const Operand& w, int64_t zoff,
                 int64_t ooff, int64_t woff, int64_t V, int64_t y, float k, int vz, int vo,
-                Buffers& buf, Stream& Z, Stream& O, Stream& W) {
+                Buffers& buf, Stream& Z, Stream& O, Stream& W, SparseRow* st = nullptr,
+                Tail* to = nullptr, SparseRow* sw = nullptr, Tail* tw = nullptr) {
   for (int64_t c0 = 0; c0 < V; c0 += CH) {
     const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
     const float* xz = load(z.data, z.dtype, zoff + c0, n, buf.z);
@@ -389,6 +472,9 @@ void stream_row(const Operand& z, const Operand& o, const Operand& w, int64_t zo
       W.observe(xw, n, c0, y, k);
       sum_teacher_v(0, xw, xz, n, W.ref(), Z.ref(), k, W);
     }
+    // a sparse teacher reads nothing of its own here: the student's columns outside its ids
+    if (st) to->observe(xz, n, c0, st->ids, st->k, k, buf.o);
+    if (sw) tw->observe(xz, n, c0, sw->ids, sw->k, k, buf.w);
   }
 }
 
@@ -404,35 +490,57 @@ void row(const RowArgs& a, int64_t i, Buffers& buf) {
     return;
   }
   const bool bad = y < 0 || y >= V;
-  const bool has_o = a.o.data != nullptr, has_w = a.w.data != nullptr;
+  // a teacher is dense (its logits row is streamed) or sparse (k ids; the student's columns
+  // outside them are streamed as its Tail)
+  const bool sp_o = a.so.idx != nullptr, sp_w = a.sw.idx != nullptr;
+  const bool has_o = a.o.data != nullptr || sp_o, has_w = a.w.data != nullptr || sp_w;
   const float k = a.inv_t;
   const bool need_o1 = has_o && (a.mask_mode == kTokenLikelihood || a.old_label_logprob);
-  const int vz = t1_variant(true, k), vo = t1_variant(need_o1, k);
+  const int vz = t1_variant(true, k), vo = t1_variant(need_o1 && !sp_o, k);
   const int64_t zoff = b * a.z.s0 + tt * a.z.s1;
   const int64_t ooff = b * a.o.s0 + tt * a.o.s1;
   const int64_t woff = b * a.w.s0 + tt * a.w.s1;
 
   Stream Z, O, W;
-  stream_row(a.z, a.o, a.w, zoff, ooff, woff, V, y, k, vz, vo, buf, Z, O, W);
+  Tail TO, TW;
+  SparseRow SO, SW;
+  const auto sparse_of = [&](const SparseOperand& x, SparseRow& r, std::vector<float>& zk) {
+    r.ids = x.idx + i * x.k;
+    r.lp = x.lp + i * x.k;
+    r.scalars = x.row + i * kSparseCols;
+    r.k = x.k;
+    zk.resize(static_cast<size_t>(x.k));
+    r.zk = zk.data();
+  };
+  if (sp_o) sparse_of(a.so, SO, buf.zk[0]);
+  if (sp_w) sparse_of(a.sw, SW, buf.zk[1]);
+  stream_row(a.z, a.o, a.w, zoff, ooff, woff, V, y, k, vz, vo, buf, Z, O, W,
+             sp_o ? &SO : nullptr, &TO, sp_w ? &SW : nullptr, &TW);
+  if (sp_o) SO.finish(a.z, zoff, Z, TO, k);
+  if (sp_w) SW.finish(a.z, zoff, Z, TW, k);
 
   // O(1) quantities only: differences to the row maxima and logs of sums relative to them
   const double log_zT = std::log(Z.s);
   const double z_logp = Z.label_logp();  // NaN for a bad label
   const double ce = -z_logp;
-  const double kl_old = has_o ? O.A / O.s - std::log(O.s) + log_zT : 0.0;
-  const double kl_new = has_w ? W.A / W.s - std::log(W.s) + log_zT : 0.0;
-  const double old_logp = need_o1 ? O.label_logp() : 0.0;
+  const double kl_old = sp_o ? SO.kl : has_o ? O.A / O.s - std::log(O.s) + log_zT : 0.0;
+  const double kl_new = sp_w ? SW.kl : has_w ? W.A / W.s - std::log(W.s) + log_zT : 0.0;
+  const double old_logp =
+      !need_o1 ? 0.0 : sp_o ? static_cast<double>(SO.scalars[kLabelLp]) : O.label_logp();
+  const int64_t o_arg = sp_o ? SO.argmax() : O.arg, w_arg = sp_w ? SW.argmax() : W.arg;
 
   bool m;
   switch (a.mask_mode) {
     case kMaskGiven: m = a.mask[i] != 0.0f; break;
     case kMuscle: m = Z.arg != y; break;
-    case kOldCorrect: m = has_o && O.arg == y; break;
+    case kOldCorrect: m = has_o && o_arg == y; break;
     case kTokenLikelihood: m = z_logp < old_logp; break;
     default: m = true; break;
   }
-  const Stream* teacher = m ? (has_o ? &O : nullptr) : (has_w ? &W : nullptr);
-  const bool kl_on = a.kl_w != 0.0f && teacher != nullptr;
+  const bool has_t = m ? has_o : has_w;
+  const bool kl_on = a.kl_w != 0.0f && has_t;
+  const SparseRow* sp_t = !kl_on ? nullptr : m ? (sp_o ? &SO : nullptr) : (sp_w ? &SW : nullptr);
+  const Stream* teacher = m ? &O : &W;
   const bool ce_on = a.ce_w != 0.0f;
   double loss = 0.0;
   if (kl_on) loss += static_cast<double>(a.kl_w) * (m ? kl_old : kl_new);
@@ -442,8 +550,8 @@ void row(const RowArgs& a, int64_t i, Buffers& buf) {
   st[kLoss] = static_cast<float>(loss);
   st[kToOld] = m ? 1.0f : 0.0f;
   st[kHitStudent] = Z.arg == y ? 1.0f : 0.0f;
-  st[kHitOld] = has_o && O.arg == y ? 1.0f : 0.0f;
-  st[kHitNew] = has_w && W.arg == y ? 1.0f : 0.0f;
+  st[kHitOld] = has_o && o_arg == y ? 1.0f : 0.0f;
+  st[kHitNew] = has_w && w_arg == y ? 1.0f : 0.0f;
   st[kKlOld] = static_cast<float>(kl_old);
   st[kKlNew] = static_cast<float>(kl_new);
   st[kCe] = static_cast<float>(ce);
@@ -460,24 +568,38 @@ void row(const RowArgs& a, int64_t i, Buffers& buf) {
   g.rzT = static_cast<float>(1.0 / Z.s);
   g.c1 = static_cast<float>(static_cast<double>(a.ce_w) * a.scale / Z.s1);
   const Operand* top = nullptr;
-  if (kl_on) {
+  if (kl_on && sp_t) {
+    // outside K the teacher's target is P_tail exp((z - m_tail) k) / S_tail: the dense formula
+    // with the student's own chunk as the "teacher" row; the k columns of K are set after
+    g.tref = sp_t->tref;
+    g.rt = sp_t->rt;
+    g.akl = a.kl_w * k * a.scale;
+  } else if (kl_on) {
     top = m ? &a.o : &a.w;
     g.tref = teacher->ref();
     g.rt = static_cast<float>(1.0 / teacher->s);
     g.akl = a.kl_w * k * a.scale;
   }
-  const int64_t toff = kl_on ? (m ? ooff : woff) : 0;
+  const int64_t toff = top ? (m ? ooff : woff) : 0;
   const float ce_scale = a.ce_w * a.scale;
+  int64_t p = 0;  // the next of the sparse teacher's ascending ids
   for (int64_t c0 = 0; c0 < V; c0 += CH) {
     const int n = static_cast<int>(std::min<int64_t>(CH, V - c0));
     const float* xz = load(a.z.data, a.z.dtype, zoff + c0, n, buf.z);
-    const float* xt = kl_on ? load(top->data, top->dtype, toff + c0, n, buf.o) : nullptr;
+    const float* xt = top ? load(top->data, top->dtype, toff + c0, n, buf.o) : sp_t ? xz : nullptr;
     // fp32 grad is written in place of its own read (one element per lane): safe when g IS z
     float* out = a.z.dtype == kFloat32 ? static_cast<float*>(a.g) + goff + c0 : buf.g;
     if (kl_on && ce_on) grad_chunk_v<true, true>(vz, xz, xt, out, n, g);
     else if (kl_on) grad_chunk_v<true, false>(vz, xz, xt, out, n, g);
     else if (ce_on) grad_chunk_v<false, true>(vz, xz, xt, out, n, g);
     else std::fill_n(out, n, 0.0f);
+    // the sparse teacher's ids in this chunk: q_j - p_j (z[ids] was read in the first pass)
+    for (; sp_t && p < sp_t->k && sp_t->ids[p] < c0 + n; ++p) {
+      const double zj = static_cast<double>(sp_t->zk[p]) - Z.ref();
+      double v = g.akl * (std::exp(zj * k) / Z.s - std::exp(static_cast<double>(sp_t->lp[p])));
+      if (ce_on) v += static_cast<double>(g.c1) * std::exp(zj);
+      out[sp_t->ids[p] - c0] = static_cast<float>(v);
+    }
     if (ce_on && y >= c0 && y < c0 + n) out[y - c0] -= ce_scale;
     store(a.g, a.z.dtype, goff + c0, n, out);
   }
@@ -658,8 +780,23 @@ const char* validate(const RowArgs& a) {
   if (a.mask_mode < kMaskGiven || a.mask_mode > kAllOld) return "mask_mode must be in 0..4";
   if (a.mask_mode == kMaskGiven && !a.mask) return "mask_mode 0 needs a mask pointer";
   if ((a.mask_mode == kOldCorrect || a.mask_mode == kTokenLikelihood || a.mask_mode == kAllOld ||
-       a.old_label_logprob) && !a.o.data)
+       a.old_label_logprob) && !a.o.data && !a.so.idx)
     return "this mask_mode (or old_label_logprob) needs old_logits";
+  if (a.o.data && a.so.idx) return "old teacher given both dense and sparse";
+  if (a.w.data && a.sw.idx) return "new teacher given both dense and sparse";
+  for (const SparseOperand* x : {&a.so, &a.sw}) {
+    if (!x->idx) continue;
+    if (!x->lp || !x->row) return "a sparse teacher needs idx, lp and row pointers";
+    if (x->k < 1 || x->k > a.V) return "a sparse teacher's k must lie in [1, V]";
+    const int64_t N = a.B * a.T;
+    for (int64_t r = 0; r < N; ++r) {  // ids decide the columns written: checked, never trusted
+      const int32_t* ids = x->idx + r * x->k;
+      for (int64_t j = 0; j < x->k; ++j) {
+        if (ids[j] < 0 || ids[j] >= a.V || (j > 0 && ids[j] <= ids[j - 1]))
+          return "a sparse teacher's ids must be distinct, ascending and in [0, V) in every row";
+      }
+    }
+  }
   return nullptr;
 }
 

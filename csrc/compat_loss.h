@@ -26,6 +26,16 @@ enum PartialCol : int {
 // vocabulary parallel: gradient constants per row
 enum RowConstCol : int { kZRef = 0, kSt, kS1, kTRef, kStt, kCKl, kCCe, kSel, kRowConsts };
 
+// A sparse teacher (README.md, "Sparse teachers"): per row k distinct ids in ascending order,
+// their log-probabilities at the loss's temperature, and three row scalars (contract.py SparseCol).
+enum SparseCol : int { kTail = 0, kArgmax, kLabelLp, kSparseCols };
+struct SparseOperand {
+  const int32_t* idx = nullptr;  // [B*T, k], nullptr: the teacher is dense (or absent)
+  const float* lp = nullptr;     // [B*T, k]
+  const float* row = nullptr;    // [B*T, kSparseCols]
+  int64_t k = 0;
+};
+
 struct Operand {           // a [B, T, V] tensor with stride(-1) == 1
   const void* data = nullptr;
   int dtype = kFloat32;
@@ -35,6 +45,7 @@ struct Operand {           // a [B, T, V] tensor with stride(-1) == 1
 struct RowArgs {
   int64_t B = 0, T = 0, V = 0;
   Operand z, o, w;         // student, old teacher (nullable), new teacher (nullable)
+  SparseOperand so, sw;    // a teacher given sparsely instead of o / w (at most one of each pair)
   void* g = nullptr;       // gradient, logits dtype, may alias z.data; nullable
   int64_t g_s0 = 0, g_s1 = 0;
   const int64_t* labels = nullptr;  // [B*T]

@@ -12,14 +12,16 @@ from typing import Optional, Tuple
 
 import torch
 
-from .contract import N_PARTIALS, N_ROW_CONSTS, N_STATS, MaskMode, as_rows_3d
+from .contract import (
+    N_PARTIALS, N_ROW_CONSTS, N_SPARSE_COLS, N_STATS, MaskMode, SparseRows, as_rows_3d,
+)
 
 
 def contract_mismatch(ext) -> str:
     """"" when the extension was built from this contract (csrc/compat_loss.h vs contract.py),
     else what differs (a stale build of an older or newer csrc/)."""
     ours = {"N_STATS": N_STATS, "N_PARTIALS": N_PARTIALS, "N_ROW_CONSTS": N_ROW_CONSTS,
-            "MASK_MODES": {m.name: int(m) for m in MaskMode}}
+            "N_SPARSE_COLS": N_SPARSE_COLS, "MASK_MODES": {m.name: int(m) for m in MaskMode}}
     theirs = {k: getattr(ext, k, None) for k in ours}
     theirs["MASK_MODES"] = dict(theirs["MASK_MODES"] or {})
     diff = [f"{k}: extension {theirs[k]!r}, contract.py {v!r}" for k, v in ours.items()
@@ -62,6 +64,18 @@ def _operand(x: Optional[torch.Tensor], name: str):
     return x.data_ptr(), DTYPE_CODES[x.dtype], tuple(x.stride())
 
 
+def _sparse(x: Optional[SparseRows], n: int):
+    if x is None:
+        return (0, 0, 0, 0)
+    k = x.idx.shape[-1]
+    assert x.idx.dtype == torch.int32 and x.idx.is_contiguous() and x.idx.shape == (n, k)
+    assert x.lp.dtype == torch.float32 and x.lp.is_contiguous() and x.lp.shape == (n, k)
+    assert x.row.dtype == torch.float32 and x.row.is_contiguous()
+    assert x.row.shape == (n, N_SPARSE_COLS)
+    assert all(t.device.type == "cpu" for t in x), "a sparse teacher must be on the CPU"
+    return (x.idx.data_ptr(), x.lp.data_ptr(), x.row.data_ptr(), k)
+
+
 def compat_loss_native(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -77,9 +91,12 @@ def compat_loss_native(
     ce_weight: float,
     ignore_index: int,
     old_label_logprob: bool,
+    old_sparse: Optional[SparseRows] = None,
+    new_sparse: Optional[SparseRows] = None,
 ) -> torch.Tensor:
     """Row statistics [B*T, N_STATS] float32 of the compat loss; writes d loss_i / d logits * scale
-    into ``grad`` when given (``grad`` may be ``logits``). See README.md for the columns."""
+    into ``grad`` when given (``grad`` may be ``logits``). See README.md for the columns. A
+    teacher is its logits or a ``SparseRows`` (``old_sparse`` / ``new_sparse``, README.md)."""
     if _native is None:
         raise RuntimeError(native_available()[1])
     logits, old_logits, new_logits, grad = map(as_rows_3d, (logits, old_logits, new_logits, grad))
@@ -127,6 +144,8 @@ def compat_loss_native(
         bool(old_label_logprob),
         max(1, torch.get_num_threads()),
         ISA,
+        _sparse(old_sparse, n),
+        _sparse(new_sparse, n),
     )
     return row_stats
 
