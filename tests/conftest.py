@@ -92,7 +92,24 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _module_fixture_group(item):
+    """The module's file when the test uses a module-scoped fixture defined in that module (a
+    launch of ranks, a compile, lm_eval runs): under pytest-xdist (`make test`: -n, --dist
+    loadgroup) such a module runs on one worker, so the fixture runs once, not once a worker."""
+    module = item.nodeid.split("::", 1)[0]
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in getattr(info, "name2fixturedefs", {}).values():
+        if any(d.scope != "function" and d.baseid == module for d in defs):
+            return module
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
+    if config.pluginmanager.hasplugin("xdist"):
+        for item in items:
+            group = _module_fixture_group(item)
+            if group is not None:
+                item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
