@@ -153,6 +153,9 @@ def _worker(case: str, out: Path, models: Path):
         PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
         kw = {"fsdp": "full_shard", "fsdp_config": ENGINES[engine]}
 
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import SaveStrategy
+
     import muscle_fast.train.model as model_mod
     from muscle_fast.train import CompatTrainer
 
@@ -193,6 +196,8 @@ def _worker(case: str, out: Path, models: Path):
 
     args = _training_args(out / "trainer", 1, accelerator_config={"use_configured_state": True},
                           activation_checkpointing="checkpointing" in options, **kw)
+    if "interrupted" in options:  # a checkpoint after step 1, then the run stops
+        args.save_strategy, args.save_steps = SaveStrategy.STEPS, 1
     model = _build(models)  # after TrainingArguments: ZeRO-3 loads the bases under zero.Init
     zero_init = hasattr(model.student.get_output_embeddings().weight, "ds_shape")
     trainer = CompatTrainer(model=model, args=args, train_dataset=_rows(),
@@ -200,7 +205,13 @@ def _worker(case: str, out: Path, models: Path):
     if not engine.startswith("zero"):
         _grab_before_clipping(trainer, grads, lambda: full_grads(trainer.model))
     assert trainer.accelerator.num_processes == WORLD
-    trainer.train()
+    if "interrupted" in options:
+        class Stop(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                control.should_training_stop = True
+
+        trainer.add_callback(Stop())
+    trainer.train(resume_from_checkpoint=os.environ.get("MUSCLE_TEST_RESUME"))
     placed = {}
     heads = {"student": model.student.get_output_embeddings(),
              "old": model.old_model.get_output_embeddings()}
@@ -235,9 +246,10 @@ def _bytes_held(module) -> tuple:
     return held, whole, count
 
 
-def _launch(case: str, tmp_path: Path, models: Path) -> list:
+def _launch(case: str, tmp_path: Path, models: Path, env: dict | None = None) -> list:
     init = tmp_path / "rendezvous"
-    env_base = {**os.environ, "WORLD_SIZE": str(WORLD), "MUSCLE_TEST_INIT": init.as_uri(),
+    env_base = {**os.environ, **(env or {}), "WORLD_SIZE": str(WORLD),
+                "MUSCLE_TEST_INIT": init.as_uri(),
                 "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                 "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                os.environ.get("PYTHONPATH", "")])}
@@ -398,6 +410,30 @@ def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_fac
             else:  # a 1/WORLD share (ZeRO-3 pads each parameter's share by < 1 element; FSDP2
                 # splits dim 0, even for every parameter here)
                 assert abs(held - whole / WORLD) <= 4 * count, (engine, name, held, whole)
+
+
+@DEEPSPEED
+@SLOW
+def test_zero3_resumed_training_equals_one_process(models, tmp_path, tmp_path_factory):
+    """A ZeRO-3 run stopped after step 1 (its checkpoint: the adapter, DeepSpeed's partitioned
+    optimizer state, the scheduler) and resumed from it ends where one process does."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    _launch("zero3-fused-interrupted", first, models)
+    checkpoint = first / "trainer" / "checkpoint-1"
+    assert (checkpoint / "adapter_model.safetensors").exists()
+    ranks = _launch("zero3-fused-resumed", second, models,
+                    env={"MUSCLE_TEST_RESUME": str(checkpoint)})
+    ref = _reference("fused", models, tmp_path_factory)
+    for rank, r in enumerate(ranks):
+        assert len(r["history"]) == STEPS  # step 1 restored from the checkpoint, step 2 run
+        for step, (got, want) in enumerate(zip(r["history"], ref["history"])):
+            _close(torch.tensor(got["loss"]), torch.tensor(want["loss"]),
+                   f"loss of step {step + 1} on rank {rank}")
+    got = _adapter(models, second / "adapter")
+    for k, w in ref["adapter"].items():
+        _close(got[k], w, f"adapter weight {k}", W_ATOL, W_RTOL)
 
 
 def test_activation_checkpointing_equals_plain_training(models, tmp_path):
