@@ -16,7 +16,7 @@ loads the old head (the realistic case), never the old body.
   + old model; cache: new base + compatibility adapter (+ old head); CE: new base + adapter), runs
   a warm-up step, then measures the peak RSS of one step (VmHWM reset through
   /proc/self/clear_refs after malloc_trim). "Above the student" subtracts the CE process's RSS
-  after loading (the student alone).
+  before its measured step (the student alone, its weights touched by the warm-up step).
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_teacher_cache.py [--reps 4] [--k 128]
 """
@@ -63,6 +63,9 @@ def setup(tmp: str, k: int) -> dict:
     from muscle_fast.train import build_teacher_cache
 
     base, tok = smollm2()
+    base.hf_quantizer = None  # dequantised float32 weights: saved as plain safetensors
+    if hasattr(base.config, "quantization_config"):
+        del base.config.quantization_config
     old = copy.deepcopy(base)
     with torch.no_grad():
         old.config.tie_word_embeddings = False
@@ -143,6 +146,24 @@ def step(variant: str, model, batch, tmp: str):
     return compat_training_step(model, batch, None, args)["loss"]
 
 
+def head_gemms(model, batch):
+    """The two teacher-head GEMMs a ``hidden`` step adds to the student's (old and new head on
+    the cached states), in the loss's chunks, forward only (teachers get no gradient)."""
+    from muscle_fast.train.model import _output_head, train_chunk_size
+
+    old_h, new_h = model.cache.hidden(batch["input_ids"], batch["attention_mask"])
+    old_w, new_w = model._old_head().weight, _output_head(model.student).weight
+    x = [old_h.reshape(-1, old_h.shape[-1]), new_h.reshape(-1, new_h.shape[-1])]
+    chunk = train_chunk_size(new_w.shape[0], torch.device("cpu"))
+
+    def run():
+        with torch.no_grad():
+            for h, w in zip(x, (old_w, new_w)):
+                for s in range(0, h.shape[0], chunk):
+                    torch.nn.functional.linear(h[s:s + chunk], w)
+    return run
+
+
 def child(variant: str, tmp: str) -> None:
     torch.set_num_threads(1)
     _trim()
@@ -200,30 +221,36 @@ def main(argv=None) -> int:
     losses = {v: step(v, models[v], batch, tmp) for v in VARIANTS}  # warm-up + correctness
     assert abs(losses["hidden"] - losses["live"]) <= 1e-5 * abs(losses["live"]), losses
     print("losses:", losses, flush=True)
-    wall = {v: [] for v in VARIANTS}
-    cpu = {v: [] for v in VARIANTS}
+    heads = head_gemms(models["hidden"], batch)
+    heads()
+    wall = {v: [] for v in VARIANTS + ("head_gemms",)}
+    cpu = {v: [] for v in VARIANTS + ("head_gemms",)}
     for _ in range(args.reps):
-        for v in VARIANTS:
+        for v in VARIANTS + ("head_gemms",):
             gc.collect()
             t, c = time.perf_counter(), time.process_time()
-            step(v, models[v], batch, tmp)
+            heads() if v == "head_gemms" else step(v, models[v], batch, tmp)
             wall[v].append(time.perf_counter() - t)
             cpu[v].append(time.process_time() - c)
-        print({v: round(cpu[v][-1], 2) for v in VARIANTS}, flush=True)
+        print({v: round(cpu[v][-1], 2) for v in cpu}, flush=True)
     uptime.append(open("/proc/loadavg").read().split()[:3])
 
     env = env_info(torch.device("cpu"))
-    student_kib = mem["ce"]["rss_loaded_kib"]
+    # the student alone: the CE process after its warm-up step (weights are mapped lazily, so the
+    # RSS right after loading misses pages no forward has touched yet)
+    student_kib = mem["ce"]["rss_before_step_kib"]
     rows = []
     for v in VARIANTS:
         m = mem[v]
         row = dict(
             bench="teacher_cache_step", variant=v, model="SmolLM2-135M-Instruct (GGUF, float32)",
             lora="r=8 on every linear layer", dtype="float32", rows=ROWS, seq=SEQ,
-            k=args.k if v == "topk" else None, reps=args.reps, threads=1,
+            k=args.k if v == "topk" else None, reps=args.reps,
             median_wall_s=statistics.median(wall[v]), median_cpu_s=statistics.median(cpu[v]),
             wall_s=wall[v], cpu_s=cpu[v], loss=losses[v],
-            rss_loaded_mib=m["rss_loaded_kib"] / 1024, peak_step_mib=m["peak_step_kib"] / 1024,
+            rss_loaded_mib=m["rss_loaded_kib"] / 1024,
+            rss_before_step_mib=m["rss_before_step_kib"] / 1024,
+            peak_step_mib=m["peak_step_kib"] / 1024,
             peak_above_student_mib=(m["peak_step_kib"] - student_kib) / 1024,
             cpu_vs_live=statistics.median(cpu[v]) / statistics.median(cpu["live"]),
             cpu_vs_ce=statistics.median(cpu[v]) / statistics.median(cpu["ce"]),
@@ -236,6 +263,12 @@ def main(argv=None) -> int:
               f"{row['peak_step_mib']:.0f} MiB ({row['peak_above_student_mib']:.0f} above the "
               "student)" + (f", cache {facts[v]['bytes_per_token']:.0f} B/token built in "
                             f"{facts[v]['build_wall_s']:.1f} s" if v in facts else ""), flush=True)
+    rows.append(dict(bench="teacher_cache_step", variant="head_gemms",
+                     note="the two teacher-head GEMMs of a hidden step alone (forward, chunked)",
+                     median_wall_s=statistics.median(wall["head_gemms"]),
+                     median_cpu_s=statistics.median(cpu["head_gemms"]), cpu_s=cpu["head_gemms"],
+                     loadavg=uptime, **env))
+    print(f"head GEMMs: cpu {rows[-1]['median_cpu_s']:.2f} s")
     with open(args.out, "a") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")

@@ -869,13 +869,13 @@ class CachedCompatModel(CompatModel):
             return  # one head: the student's own serves both teachers
         t = c.old_head()
         w = t["weight"].to(head.weight.device)
-        lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in t, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if "bias" in t:
-                lin.bias.copy_(t["bias"])
-        lin.requires_grad_(False)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias="bias" in t, device="meta", dtype=w.dtype)
+        # the loaded tensors themselves (no second copy of a [V, H] weight)
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if "bias" in t:
+            lin.bias = nn.Parameter(t["bias"].to(w.device), requires_grad=False)
         self.old_head = lin
+        c._heads = None  # the Linear holds them now
 
     def train(self, mode: bool = True):
         nn.Module.train(self, mode)
