@@ -23,8 +23,6 @@ FUSED = ["torch_rows"] + [
     i for i in ("native", "triton")
     if mf.available_impls(DEVICE)[i].available and backends.backend(i).sparse]
 IMPLS = FUSED + ["torch"]
-NOT_YET = [i for i in ("native", "triton")
-           if mf.available_impls(DEVICE)[i].available and not backends.backend(i).sparse]
 
 
 @pytest.fixture
@@ -550,38 +548,57 @@ def test_other_labels_pass_without_validate():
     mf.fused_compat_loss(z, y, so, sw, mask="token_likelihood", validate=False)
 
 
-@pytest.mark.parametrize("impl", NOT_YET)
-def test_explicit_backend_without_sparse_kernel_raises(impl, monkeypatch):
+@pytest.fixture
+def native_not_sparse(monkeypatch):
+    """The dispatch as it is for a backend whose row kernel does not take sparse teachers."""
+    if not mf.available_impls("cpu")["native"].available:
+        pytest.skip("the native extension is not built")
+    monkeypatch.setitem(backends.TAKES_SPARSE, "native", False)
+
+
+def test_explicit_backend_without_sparse_kernel_raises(native_not_sparse, monkeypatch):
     z, y, so, sw = _loss_args()
-    with pytest.raises(ValueError, match="does not take a SparseTeacher yet"):
-        mf.fused_compat_loss(z, y, so, sw, impl=impl)
-    monkeypatch.setenv("MUSCLE_FAST_IMPL", impl)
-    with pytest.raises(ValueError, match="MUSCLE_FAST_IMPL=.*does not take a SparseTeacher"):
+    with pytest.raises(ValueError, match="impl='native' does not take a SparseTeacher yet"):
+        mf.fused_compat_loss(z, y, so, sw, impl="native")
+    mf.fused_compat_loss(z, y, z.detach(), z.detach(), impl="native")  # dense: as before
+    monkeypatch.setenv("MUSCLE_FAST_IMPL", "native")
+    with pytest.raises(ValueError, match="MUSCLE_FAST_IMPL='native' does not take a SparseTeacher"):
         mf.fused_compat_loss(z, y, so, sw)
 
 
-def test_auto_without_sparse_kernel_says_so_once(caplog):
+def test_auto_without_sparse_kernel_says_so_once(native_not_sparse, caplog):
     from muscle_fast import _dispatch
-    preferred = "triton" if DEVICE.type == "cuda" else "native"
-    if backends.backend(preferred).sparse and mf.available_impls(DEVICE)[preferred].available:
-        assert _dispatch.choose_impl("auto", DEVICE, torch.float32, sparse=True) == preferred
-        return
     _dispatch._say_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="muscle_fast"):
         for _ in range(2):
-            assert _dispatch.choose_impl("auto", DEVICE, torch.float32, sparse=True) == \
-                "torch_rows"
+            assert _dispatch.choose_impl("auto", torch.device("cpu"), torch.float32,
+                                         sparse=True) == "torch_rows"
     said = [r for r in caplog.records if "SparseTeacher" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
+    assert _dispatch.choose_impl("auto", torch.device("cpu"), torch.float32) == "native"
 
 
-@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
-def test_torch_compile_fullgraph(linear):
-    """The sparse path traces without a graph break, and before any eager call has said its
-    one-time fallback message (a logger call inside the trace would break the graph)."""
+def test_auto_takes_a_backend_with_sparse_kernel(monkeypatch):
+    from muscle_fast import _dispatch
+    if not mf.available_impls("cpu")["native"].available:
+        pytest.skip("the native extension is not built")
+    monkeypatch.setitem(backends.TAKES_SPARSE, "native", True)
+    assert _dispatch.choose_impl("auto", torch.device("cpu"), torch.float32, sparse=True) == \
+        "native"
+
+
+@pytest.mark.parametrize("linear, fallback", [(False, False), (True, False), (False, True)],
+                         ids=["logits", "linear", "logits-fallback"])
+def test_torch_compile_fullgraph(linear, fallback, monkeypatch):
+    """The sparse path traces without a graph break, also when the automatic choice falls back
+    to torch_rows before any eager call has said so (a logger call inside the trace would break
+    the graph)."""
     import warnings
 
     from muscle_fast import _dispatch
+    if fallback:
+        monkeypatch.setitem(backends.TAKES_SPARSE, "native", False)
+        monkeypatch.setitem(backends.TAKES_SPARSE, "triton", False)
     torch._dynamo.reset()
     _dispatch._say_once.cache_clear()
     z, y, o, w = make_inputs()
