@@ -48,7 +48,9 @@ class SparseTeacher:
     :func:`muscle_fast.fused_linear_compat_loss` (there without any teacher GEMM); the loss is
     then the exact KL over the k ids and the tail bucket (docs/SPEC.md section 2). It indexes
     and reshapes like a tensor of its leading shape, so callers shift as with logits:
-    ``teacher[:, :-1]`` goes with ``logits[:, :-1]`` and ``labels[:, 1:]``.
+    ``teacher[:, :-1]`` goes with ``logits[:, :-1]`` and ``labels[:, 1:]``. Its stored
+    ``labels`` (for the likelihood masks) slice along, so build it with the labels each position
+    predicts (``from_logits(o[:, :-1], labels=y[:, 1:])``): the loss checks them against its own.
 
     Args:
         indices: [..., k] int32 vocabulary ids, distinct per token.
