@@ -514,6 +514,7 @@ def _loss_args():
     pytest.param("no_labels", "built without labels", id="no-labels"),
     pytest.param("other_labels", "other labels than the loss's", id="other-labels"),
     pytest.param("process_group", "process_group=.*not supported yet", id="process-group"),
+    pytest.param("device", "new_logits is on meta but the student is on cpu", id="device"),
 ])
 def test_loss_bad_sparse_teacher(linear, case, match):
     z, y, so, sw = _loss_args()
@@ -533,6 +534,8 @@ def test_loss_bad_sparse_teacher(linear, case, match):
         kw["mask"] = "sequence_likelihood"
     elif case == "process_group":
         kw["process_group"] = object()
+    elif case == "device":
+        sw = sw.to("meta")
     with pytest.raises(ValueError, match=match):
         if linear:
             hidden, weight = torch.randn(2, 5, 3), torch.randn(29, 3)
