@@ -630,7 +630,8 @@ def test_smollm2_trains_from_both_caches(tmp_path):
     del old_t, new_t
     assert TeacherCache(caches["hidden"]).manifest["vocab_size"] == 49152
 
-    live = build_compat_model(copy.deepcopy(base), adapters["new"], old_base, adapters["old"])
+    live = build_compat_model(copy.deepcopy(base), adapters["new"], copy.deepcopy(old_base),
+                              adapters["old"])
     _perturb(live)
     small = {k: v[:2, :32] for k, v in batch.items()}
     small_rows = _rows(small)
