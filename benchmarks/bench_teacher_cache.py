@@ -39,8 +39,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from benchmarks.bench_topk_approx import real_text, smollm2  # noqa: E402
-from benchmarks.harness import env_info, load1  # noqa: E402
+from benchmarks.bench_topk_approx import real_text, smollm2
+from benchmarks.harness import env_info
 
 VARIANTS = ("live", "hidden", "topk", "ce")
 ROWS, SEQ = 2, 256
@@ -49,6 +49,11 @@ ROWS, SEQ = 2, 256
 def _kib(key):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(key))
+
+
+def _loadavg():
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
 
 
 def _trim():
@@ -119,7 +124,7 @@ def load(variant: str, tmp: str, with_live=None):
     from muscle_fast.train import build_cached_compat_model, build_compat_model
     from muscle_fast.train.cache import cached_model
 
-    p = lambda n: os.path.join(tmp, n)  # noqa: E731
+    p = lambda n: os.path.join(tmp, n)
     kw = {"dtype": torch.float32}
     if with_live is not None:  # one student for every variant (the timing process)
         return with_live.student if variant == "ce" else (
@@ -195,7 +200,7 @@ def main(argv=None) -> int:
         child(args.child, args.dir)
         return 0
     torch.set_num_threads(1)
-    uptime = [open("/proc/loadavg").read().split()[:3]]
+    uptime = [_loadavg()]
     tmp = tempfile.mkdtemp(prefix="bench_teacher_cache_")
     t0 = time.time()
     facts = setup(tmp, args.k)
@@ -206,13 +211,13 @@ def main(argv=None) -> int:
     mem = {}
     for v in VARIANTS:
         r = subprocess.run([sys.executable, __file__, "--child", v, "--dir", tmp],
-                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                           capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
         if r.returncode:
             print(r.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"memory child {v} failed")
         mem[v] = json.loads(r.stdout.strip().splitlines()[-1])
         print("memory:", mem[v], flush=True)
-    uptime.append(open("/proc/loadavg").read().split()[:3])
+    uptime.append(_loadavg())
 
     # --- time: one process, one student, interleaved
     live = load("live", tmp)
@@ -233,7 +238,7 @@ def main(argv=None) -> int:
             wall[v].append(time.perf_counter() - t)
             cpu[v].append(time.process_time() - c)
         print({v: round(cpu[v][-1], 2) for v in cpu}, flush=True)
-    uptime.append(open("/proc/loadavg").read().split()[:3])
+    uptime.append(_loadavg())
 
     env = env_info(torch.device("cpu"))
     # the student alone: the CE process after its warm-up step (weights are mapped lazily, so the

@@ -137,8 +137,7 @@ def main(argv=None) -> int:
                          if "rel_err_renorm_topk_kl" in row else ""), flush=True)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"wrote {len(rows)} rows to {args.out} in {time.time() - t0:.0f} s")
     return 0
 

@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +17,13 @@ pytest.importorskip("safetensors")
 from conftest import assert_pass_rule
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
-from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, \
-    TrainingArguments
+from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    TrainingArguments,
+)
 
 from muscle_fast.train import (
     CachedCompatModel,
@@ -239,7 +245,7 @@ def _shard_tensors(directory):
     for name in sorted(os.listdir(directory)):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(directory, name), "pt") as f:
-                out.update({f"{name}/{k}": f.get_tensor(k).clone() for k in f.keys()})
+                out.update({f"{name}/{k}": f.get_tensor(k).clone() for k in f.keys()})  # noqa: SIM118
     return out
 
 
@@ -264,6 +270,25 @@ def test_hidden_cache_layout(parts, hidden_cache):
     per_token = C.cache_size_estimate("hidden", 1, hidden_sizes=(HID, HID), elem_sizes=(4, 4))
     assert per_token == 2 * HID * 4
     assert m["n_tokens"] * per_token <= size <= m["n_tokens"] * per_token + 3 * 4096
+
+
+def test_hidden_is_stored_in_the_models_dtype_bit_for_bit(parts, tmp_path):
+    """A bf16 teacher's head input is stored as bf16, the very values its forward makes."""
+    old, new = (m.to(torch.bfloat16) for m in _teachers(parts))
+    b = _batch()
+    rows = _rows(b)
+    build_teacher_cache(tmp_path, rows, old_model=old, new_model=new, batch_size=1,
+                        progress=False, log=lambda *_: None)
+    cache = TeacherCache(tmp_path)
+    assert cache.manifest["models"]["old"]["dtype"] == "bfloat16"
+    old_h, new_h = cache.hidden(b["input_ids"], b["attention_mask"])
+    assert old_h.dtype == new_h.dtype == torch.bfloat16
+    for model, h in ((old, old_h), (new, new_h)):
+        for i in range(4):
+            n = int(b["attention_mask"][i].sum())
+            want = C._capture_hidden(model, model.get_output_embeddings(),
+                                     b["input_ids"][i:i + 1, :n], b["attention_mask"][i:i + 1, :n])
+            assert torch.equal(h[i, :n], want[0])
 
 
 def _build(directory, parts, rows, **kw):
@@ -316,8 +341,7 @@ def test_cli_builds_the_same_cache(parts, tmp_path, capsys):
     old_base.save_pretrained(tmp_path / "old_base")
     rows = _rows(_batch(8, seed=3))
     with open(tmp_path / "data.jsonl", "w") as f:
-        for r in rows:
-            f.write(json.dumps({k: v.tolist() for k, v in r.items()}) + "\n")
+        f.writelines(json.dumps({k: v.tolist() for k, v in r.items()}) + "\n" for r in rows)
     _build(tmp_path / "fn", parts, rows)
     rc = main(["cache-teachers", "--old-base", str(tmp_path / "old_base"), "--old-adapter",
                old_adapter, "--new-base", str(tmp_path / "new_base"), "--new-adapter", new_adapter,
@@ -440,7 +464,7 @@ def test_topk_layout_and_size(topk_cache):
     size = sum(s["bytes"] for s in m["shards"])
     assert m["n_tokens"] * per <= size <= m["n_tokens"] * per + 3 * 4096
     b = _batch()
-    old, new = cache.sparse(b["input_ids"], b["attention_mask"], b["labels"])
+    old, _ = cache.sparse(b["input_ids"], b["attention_mask"], b["labels"])
     assert old.shape == b["input_ids"].shape and old.k == 8
     p = old.logprobs.exp().sum(-1) + old.tail_logprob.exp()
     torch.testing.assert_close(p, torch.ones_like(p), rtol=0, atol=1e-5)
@@ -540,7 +564,7 @@ def test_mismatched_models_are_named(parts, hidden_cache, tmp_path):
         CachedCompatModel(student, hidden_cache)
     head = C.TeacherCache(hidden_cache)
     heads = os.path.join(hidden_cache, C.HEADS)
-    keep = open(heads, "rb").read()
+    keep = Path(heads).read_bytes()
     try:
         from safetensors.torch import load_file, save_file
 
@@ -550,7 +574,7 @@ def test_mismatched_models_are_named(parts, hidden_cache, tmp_path):
         with pytest.raises(TeacherCacheError, match="old head"):
             build_cached_compat_model(copy.deepcopy(new_base), new_adapter, hidden_cache)
     finally:
-        open(heads, "wb").write(keep)
+        Path(heads).write_bytes(keep)
     del head
 
 
@@ -615,7 +639,7 @@ def test_smollm2_trains_from_both_caches(tmp_path):
         m.save_pretrained(str(tmp_path / name))
         adapters[name] = str(tmp_path / name)
     readme = os.path.join(os.path.dirname(__file__), os.pardir, "README.md")
-    ids = tok(open(readme).read(), return_tensors="pt")["input_ids"][0][:4 * 64].reshape(4, 64)
+    ids = tok(Path(readme).read_text(), return_tensors="pt")["input_ids"][0][:4 * 64].reshape(4, 64)
     labels = ids.clone()
     labels[:, :4] = -100
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}

@@ -39,8 +39,9 @@ import shutil
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -113,8 +114,7 @@ def _tensors_fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
 
 def _norm_name(name: str) -> str:
     for prefix in ("base_model.model.", "module."):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
+        name = name.removeprefix(prefix)
     return name.replace(".base_layer.", ".")
 
 
@@ -316,7 +316,7 @@ def build_teacher_cache(
     overwrite: bool = False,
     progress: bool = True,
     log=print,
-) -> "TeacherCache":
+) -> TeacherCache:
     """Run the old and the new task model once over ``dataset`` and store what MUSCLE's loss needs.
 
     Args:
@@ -652,7 +652,7 @@ class TeacherCache:
         self._open[fi] = f
         return f
 
-    def __deepcopy__(self, memo) -> "TeacherCache":
+    def __deepcopy__(self, memo) -> TeacherCache:
         return self  # read-only files: a copied model shares them
 
     def __getstate__(self) -> dict:
@@ -931,6 +931,7 @@ class CachedCompatModel(CompatModel):
 
     def _cached_fused_loss(self, input_ids, attention_mask, labels, args, num_items, **kwargs):
         from muscle_fast.linear import fused_linear_compat_loss
+
         from .model import train_chunk_size
 
         head = _output_head(self.student)
