@@ -2,7 +2,7 @@
 # One prepared GPU check (issue 14 item 4): run as is on an H100/H200 machine, from the
 # repository root, with the image's python3 (torch + triton, no package registry):
 #
-#     bash benchmarks/gpu_check.sh OUT_DIR            # at most 475 s of step timeouts in all
+#     bash benchmarks/gpu_check.sh OUT_DIR            # at most 480 s of step timeouts in all
 #     bash benchmarks/gpu_check.sh --dry-run OUT_DIR  # CPU: print every step, import every entry point
 #
 # Steps, each under its own timeout so that a slow one leaves the rest their time:
@@ -10,7 +10,11 @@
 #   2 pytest_gpu.txt   pytest -m gpu
 #   3 correctness.txt  every mask at V=128256 and at the odd V=128257 (bf16; the odd rows take
 #                      the head peel, whose alignment claims a GPU is the first to test)
-#                      against float64 on 64 rows
+#                      against float64 on 64 rows; then sparse teachers (top-k + tail, k=64:
+#                      both, and the old one only) at V=128256 against the float64 k+1-category
+#                      loss
+#   + sparse headline  (bench.log) bf16, N=8192, V=128256, k=64, muscle, fwd+bwd in place: both
+#                      teachers sparse vs both dense, one run, with each design's bytes
 #   4 gpu.csv          the headline benchmark (bf16, N=8192, V=128256, muscle, full): muscle_fast
 #                      triton and triton,inplace, eager, Liger, torch.compile; one harness call per
 #                      peer, so each row is in the CSV as soon as it is measured
@@ -53,7 +57,7 @@ if [ "$DRY" = 1 ]; then
 import importlib
 for m in ("muscle_fast", "benchmarks.harness", "benchmarks.__main__", "benchmarks.sass"):
     importlib.import_module(m)
-from benchmarks.harness import PEER_NAMES, vocab_correctness  # noqa: F401
+from benchmarks.harness import PEER_NAMES, sparse_correctness, sparse_headline, vocab_correctness  # noqa: F401
 from benchmarks.sass import Variant, default_variants, main  # noqa: F401
 for peer in ("muscle_fast[triton]", "muscle_fast[triton,inplace]", "eager", "liger", "torch.compile"):
     assert peer in PEER_NAMES, peer
@@ -87,20 +91,26 @@ else
 fi
 
 # 2 the gpu-marked tests
-step pytest-gpu 80 "$OUT/pytest_gpu.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider -x tests
+step pytest-gpu 70 "$OUT/pytest_gpu.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider -x tests
 
 # 3 every mask at the real vocabulary vs float64
-step correctness 75 "$OUT/correctness.txt" "$PY" -c \
+step correctness 70 "$OUT/correctness.txt" "$PY" -c \
   "import sys; from benchmarks.harness import vocab_correctness as c; sys.exit(c(128256) + c(128257))"
+step sparse-correctness 15 "$OUT/correctness.txt" "$PY" -c \
+  "import sys; from benchmarks.harness import sparse_correctness as c; sys.exit(c(128256))"
 
 # 4 the headline benchmark, one peer per call (rows appended as measured)
 # (timeouts: first compile included; torch.compile's compile is the longest)
 for peer_limit in "muscle_fast[triton]:50" "muscle_fast[triton,inplace]:35" "eager:45" "liger:45" \
-                  "torch.compile:75"; do
+                  "torch.compile:65"; do
   peer="${peer_limit%:*}"
   step "bench $peer" "${peer_limit##*:}" "$OUT/bench.log" "$PY" -m benchmarks --n 8192 \
     --v 128256 --dtype bf16 --mask muscle --mode full --peers "$peer" --out "$OUT/gpu.csv"
 done
+
+# the sparse kernel's headline row (both designs in one run; lines in bench.log)
+step sparse-headline 25 "$OUT/bench.log" "$PY" -c \
+  "from benchmarks.harness import sparse_headline as h; h(8192, 128256, 64)"
 
 # 5 the compiled-code report for the card present
 ARCH="$( [ "$DRY" = 1 ] && echo sm_90 || "$PY" -c 'import torch; p = torch.cuda.get_device_capability(); print(f"sm_{p[0]}{p[1]}")' 2>/dev/null || echo sm_90)"

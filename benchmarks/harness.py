@@ -714,3 +714,82 @@ def vocab_correctness(V: int = 128256, lead=(4, 16), dtype: str = "bf16", impl: 
                   f"err_loss {err_loss:.2e} err_grad {err_grad:.2e} {'ok' if ok else 'WRONG'}",
                   flush=True)
     return failed
+
+
+def sparse_correctness(V: int = 128256, lead=(4, 16), k: int = 64, dtype: str = "bf16",
+                       impl: str = "triton", device: str = "cuda", full_k: bool = False) -> int:
+    """Sparse teachers (top-k + tail, ``SparseTeacher``) at a real vocabulary: the fused kernel's
+    loss and gradient vs the float64 reference of the k+1-category loss, the harness's rule
+    (LOSS_RTOL, GRAD_RTOL), for both teachers sparse (muscle) and the old one only
+    (old_correct); ``full_k`` adds k = V (the dense loss). Prints one line per case; returns the
+    number that failed."""
+    import muscle_fast as mf
+    from muscle_fast import SparseTeacher
+    from muscle_fast.ops.compat_loss.reference import compat_loss_reference
+
+    g = torch.Generator(device=device).manual_seed(1)
+    base = 2 * torch.randn(*lead, V, device=device, generator=g)
+    z = base.to(DTYPES[dtype])
+    o = (base + torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
+    w = (base + 0.5 * torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
+    y = torch.where(torch.rand(lead, device=device, generator=g) < 0.5, base.argmax(-1),
+                    torch.randint(0, V, lead, device=device, generator=g))
+    y.view(-1)[:2] = -100
+    failed = 0
+    for kk, mask in ((k, "muscle"), (k, "old_correct")) + (((V, "muscle"),) if full_k else ()):
+        so = SparseTeacher.from_logits(o, k=kk, temperature=TEMPERATURE, labels=y)
+        sw = SparseTeacher.from_logits(w, k=kk, temperature=TEMPERATURE)
+        sw = sw if mask == "muscle" else None
+        kw = dict(mask=mask, temperature=TEMPERATURE, ce_weight=0.1)
+        zi = z.clone().requires_grad_(True)
+        loss = mf.fused_compat_loss(zi, y, so, sw, impl=impl, **kw)
+        loss.backward()
+        loss = loss.detach()
+        z64 = z.double().requires_grad_(True)
+        ref = compat_loss_reference(z64, y, so, sw, **kw)
+        ref.backward()
+        err_loss = float((loss.double() - ref).abs()) / max(float(ref.abs()), 1e-3)
+        err_grad = (float((zi.grad.double() - z64.grad).abs().max())
+                    / max(float(z64.grad.abs().max()), 1e-30))
+        ok = err_loss <= LOSS_RTOL and err_grad <= GRAD_RTOL[dtype]
+        failed += not ok
+        print(f"{impl} sparse V={V} k={kk} {dtype} rows={math.prod(lead)} mask={mask}: "
+              f"err_loss {err_loss:.2e} err_grad {err_grad:.2e} {'ok' if ok else 'WRONG'}",
+              flush=True)
+    return failed
+
+
+def sparse_headline(N: int = 8192, V: int = 128256, k: int = 64, dtype: str = "bf16",
+                    device: str = "cuda", budget_s: float = 3.0) -> None:
+    """The sparse kernel's headline row: forward + backward of ``fused_compat_loss`` (muscle,
+    T = 2, in place) with both teachers sparse (k ids + tail) against both dense, in the same
+    run, median ms over CUDA-event-timed calls (``time_calls``), with the bytes each design
+    moves and the copy bandwidth: prints one line per design (benchmarks/gpu_check.sh)."""
+    import muscle_fast as mf
+    from muscle_fast import SparseTeacher
+    from muscle_fast.ops.compat_loss import triton as tk
+
+    dev = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(2)
+    z = torch.randn(N, V, device=device, generator=g, dtype=DTYPES[dtype]) * 2
+    o = (z.float() + torch.randn(N, V, device=device, generator=g)).to(DTYPES[dtype])
+    w = (z.float() + 0.5 * torch.randn(N, V, device=device, generator=g)).to(DTYPES[dtype])
+    y = torch.randint(0, V, (N,), device=device, generator=g)
+    so = SparseTeacher.from_logits(o, k=k, temperature=TEMPERATURE, labels=y)
+    sw = SparseTeacher.from_logits(w, k=k, temperature=TEMPERATURE)
+    e = z.element_size()
+    bw = copy_bandwidth(dev)
+    designs = (("dense", o, w, tk.design_bytes(N, V, e, teachers=2, grad=True)),
+               ("sparse", so, sw, tk.design_bytes_sparse(N, V, e, k=k, teachers=2, grad=True)))
+    for name, old, new, nbytes in designs:
+        def run(x, old=old, new=new):
+            mf.fused_compat_loss(x, y, old, new, impl="triton", temperature=TEMPERATURE,
+                                 inplace_backward=True).backward()
+
+        times = time_calls(run, lambda: (z.clone().requires_grad_(True) * 1), dev, warmup=2,
+                           min_reps=5, max_reps=50, budget_s=budget_s)
+        ms = statistics.median(times)
+        print(f"sparse-headline design={name} N={N} V={V} k={k} {dtype} muscle T={TEMPERATURE} "
+              f"fwd+bwd inplace: median {ms:.3f} ms over {len(times)} calls; design bytes "
+              f"{nbytes / 1e9:.2f} GB = {nbytes / bw * 1e3:.3f} ms at the copy bandwidth "
+              f"{bw / 1e9:.0f} GB/s ({nbytes / bw * 1e3 / ms:.2f} of it)", flush=True)

@@ -60,7 +60,7 @@ TORCH_DTYPE = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.floa
 
 @dataclass
 class Variant:
-    kernel: str  # row | partials | grad_rows | scale
+    kernel: str  # row | row_sparse (teachers given sparsely, options k) | partials | grad_rows | scale
     V: int
     dtype: str
     mask: str = "muscle"  # row kernel: muscle (old + new) or old_correct (old only)
@@ -85,6 +85,8 @@ def default_variants(quick: bool = False) -> list:
             for mask in ("muscle", "old_correct"):
                 for grad in (True, False):
                     out.append(Variant("row", V, dt, mask, grad))
+            for mask in ("muscle", "old_correct"):  # both teachers sparse; the old one only
+                out.append(Variant("row_sparse", V, dt, mask, True, options={"k": 64}))
             out.append(Variant("partials", V, dt, "muscle", False))
             out.append(Variant("grad_rows", V, dt, "muscle", True))
             out.append(Variant("scale", V, dt, "-", True))
@@ -161,7 +163,22 @@ def compile_variant(v: Variant, tk, arch: int):
             setattr(tk, n, _Capture(saved[n], sink))
         z, o, w, y = _inputs(v)
         scale = torch.ones((), dtype=torch.float32)
-        if v.kernel == "row":
+        if v.kernel == "row_sparse":
+            # muscle: both teachers sparse; old_correct: the old one only
+            from muscle_fast.ops.compat_loss.contract import N_SPARSE_COLS, SparseRows
+            kw = dict(mask_mode=int(KERNEL_MASK_MODES[v.mask]), inv_temperature=0.5,
+                      kl_weight=1.0, ce_weight=0.0, ignore_index=-100, old_label_logprob=False)
+            kw.update(v.options)
+            k = kw.pop("k")
+
+            def sparse():
+                return SparseRows(torch.empty((v.N, k), dtype=torch.int32),
+                                  torch.empty((v.N, k), dtype=torch.float32),
+                                  torch.empty((v.N, N_SPARSE_COLS), dtype=torch.float32))
+            tk.compat_loss_triton(z, y, None, None, None, torch.empty_like(z) if v.grad else None,
+                                  scale, old_sparse=sparse(),
+                                  new_sparse=sparse() if w is not None else None, **kw)
+        elif v.kernel == "row":
             kw = dict(mask_mode=int(KERNEL_MASK_MODES[v.mask]), inv_temperature=0.5,
                       kl_weight=1.0, ce_weight=0.0, ignore_index=-100, old_label_logprob=False)
             kw.update(v.options)
@@ -282,6 +299,9 @@ def floor_bytes(v: Variant) -> int:
     """docs/SPEC.md section 4: what must move (student + each needed teacher read, gradient written);
     for the vocabulary-parallel and scaling kernels, their own reads and writes."""
     e, NV = ELEM[v.dtype], v.N * v.V
+    if v.kernel == "row_sparse":  # the student read, the gradient written, the k ids and log p
+        k, n_t = v.options["k"], (2 if v.mask == "muscle" else 1)
+        return NV * e * (1 + (1 if v.grad else 0)) + v.N * n_t * 8 * k
     if v.kernel == "row":
         return NV * e * (1 + (2 if v.mask == "muscle" else 1) + (1 if v.grad else 0))
     if v.kernel == "partials":
@@ -292,6 +312,9 @@ def floor_bytes(v: Variant) -> int:
 
 
 def design_bytes(v: Variant, tk) -> int:
+    if v.kernel == "row_sparse":
+        return tk.design_bytes_sparse(v.N, v.V, ELEM[v.dtype], k=v.options["k"],
+                                      teachers=2 if v.mask == "muscle" else 1, grad=v.grad)
     if v.kernel == "row":
         return tk.design_bytes(v.N, v.V, ELEM[v.dtype], teachers=2 if v.mask == "muscle" else 1,
                                grad=v.grad)
@@ -321,6 +344,13 @@ def analyse(v: Variant, compiled, consts: dict, warps: int, tk, commit: str, ver
     design = (tk.loop_columns(consts["_kernel"], block, single)
               if hasattr(tk, "loop_columns") else [])  # kernels before loop_columns: BLOCK_V
     cols_iter = [design[i] if i < len(design) else block for i in range(len(loops))]
+    if v.kernel == "row_sparse":
+        # the two loops that load the student row (vector loads) are the statistics and the
+        # gradient passes; the others walk the few ids outside them (counted as one iteration)
+        mains = [i for i, c in enumerate(per_loop) if c["ldg_vec"]]
+        cols_iter = [v.V] * len(loops)
+        for i, cols in zip(mains, design):
+            cols_iter[i] = cols
     cpt = [max(1.0, c / (32 * warps)) for c in cols_iter]  # columns per thread per iteration
     iters = [math.ceil(v.V / c) for c in cols_iter]
     cols_per_thread = max(1.0, (block if single else v.V) / (32 * warps))

@@ -21,7 +21,7 @@ def test_gpu_check_dry_run(tmp_path):
     names = " ".join(steps)
     for step in ("env", "pytest-gpu", "correctness", "bench muscle_fast[triton]",
                  "bench muscle_fast[triton,inplace]", "bench eager", "bench liger",
-                 "bench torch.compile", "sass"):
+                 "bench torch.compile", "sparse-correctness", "sparse-headline", "sass"):
         assert f"== {step}" in names, step
     assert "imports ok" in proc.stdout
     # at most 8 files, and the step timeouts leave the whole check under 8 minutes

@@ -13,7 +13,7 @@ from typing import Callable, NamedTuple, Optional
 NAMES = ("triton", "native", "torch")
 # Whether a backend's row kernel takes sparse teachers (README.md, "Sparse teachers"): a table
 # rather than an import, so that dispatch reads it without loading any kernel module.
-TAKES_SPARSE = {"triton": False, "native": True, "torch": True, "torch_rows": True}
+TAKES_SPARSE = {"triton": True, "native": True, "torch": True, "torch_rows": True}
 
 
 class Backend(NamedTuple):

@@ -18,6 +18,8 @@ from .contract import (
     MaskMode,
     Partial,
     RowConst,
+    SparseCol,
+    SparseRows,
     Stat,
 )
 
@@ -38,6 +40,8 @@ C_C_CE, C_SEL = _c(RowConst.C_CE.value), _c(RowConst.SEL.value)
 M_GIVEN, M_MUSCLE, M_OLD_CORRECT = _c(MaskMode.GIVEN.value), _c(MaskMode.MUSCLE.value), _c(MaskMode.OLD_CORRECT.value)
 M_TOKEN_LIKELIHOOD, M_ALL_OLD = _c(MaskMode.TOKEN_LIKELIHOOD.value), _c(MaskMode.ALL_OLD.value)
 SEL_IGNORED_C, SEL_OLD_C, SEL_NEW_C = _c(float(SEL_IGNORED)), _c(float(SEL_OLD)), _c(float(SEL_NEW))
+SC_TAIL, SC_ARGMAX = _c(SparseCol.TAIL.value), _c(SparseCol.ARGMAX.value)
+SC_LABEL_LP = _c(SparseCol.LABEL_LP.value)
 # A row whose vocabulary fits in one block of at most this many columns is read once and kept in
 # registers; longer rows are streamed LOOP_BLOCK_V columns a loop iteration and read twice.
 MAX_FUSED_BLOCK_V = 8192
@@ -71,16 +75,20 @@ def _lane_student(z, cols, m, arg, s_t, s_1, c_t):
 
 
 @triton.jit
-def _lane_teacher(x, zd, dz, cols, m, arg, s, a, s_1, c_t, AT_ONE: tl.constexpr):
+def _lane_teacher(x, zd, dz, cols, m, arg, s, a, s_1, c_t, AT_ONE: tl.constexpr,
+                  KL: tl.constexpr = True):
+    """A teacher lane's update; KL False: max and sum only (a sparse teacher's tail stream, whose
+    x is the student outside K)."""
     up = x > m
     nd = -tl.abs(x - m)  # x - m, or on a new max m - x
     dead = x == NEG_INF
     e = tl.where(dead, 0.0, tl.exp2(nd * c_t))
-    b = a + s * dz  # the student's reference rose by dz
-    # the new column's term, or on a new max the terms so far rescaled; e == 0: p_t == 0 (also
-    # where the student is -inf: 0 * inf), or the terms so far are negligible
-    q = tl.where(e == 0.0, 0.0, e * tl.where(up, b + s * nd, nd - zd))
-    a = tl.where(up, q - zd, b + q)
+    if KL:
+        b = a + s * dz  # the student's reference rose by dz
+        # the new column's term, or on a new max the terms so far rescaled; e == 0: p_t == 0
+        # (also where the student is -inf: 0 * inf), or the terms so far are negligible
+        q = tl.where(e == 0.0, 0.0, e * tl.where(up, b + s * nd, nd - zd))
+        a = tl.where(up, q - zd, b + q)
     s = tl.where(up, s * e + 1.0, s + e)
     if AT_ONE:
         e_1 = tl.where(dead, 0.0, tl.exp2(nd * LOG2E))
@@ -90,12 +98,46 @@ def _lane_teacher(x, zd, dz, cols, m, arg, s, a, s_1, c_t, AT_ONE: tl.constexpr)
 
 @triton.jit
 def _lanes_step(z, o, w, cols, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
-                HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr):
+                HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr, OLD_SPARSE: tl.constexpr = False,
+                NEW_SPARSE: tl.constexpr = False):
+    """One block of every stream; a sparse teacher's slots hold its tail stream (o or w is then
+    the student with K's columns at -inf, `_outside`)."""
     zm, za, zst, zs1, zd, dz = _lane_student(z, cols, zm, za, zst, zs1, c_t)
-    om, oa, so, ao, so1 = _lane_teacher(o, zd, dz, cols, om, oa, so, ao, so1, c_t, OLD_AT_ONE)
+    om, oa, so, ao, so1 = _lane_teacher(o, zd, dz, cols, om, oa, so, ao, so1, c_t,
+                                        OLD_AT_ONE and not OLD_SPARSE, not OLD_SPARSE)
     if HAS_NEW:
-        wm, wa, sw, aw, _ = _lane_teacher(w, zd, dz, cols, wm, wa, sw, aw, sw, c_t, False)
+        wm, wa, sw, aw, _ = _lane_teacher(w, zd, dz, cols, wm, wa, sw, aw, sw, c_t, False,
+                                          not NEW_SPARSE)
     return zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw
+
+
+@triton.jit
+def _outside(z, cols, ids, n_ids, p, c_end):
+    """z with the columns that are ids of a sparse teacher set to -inf (what its tail stream
+    sees): walks its ascending ids from position p while they lie below c_end (a block's end);
+    returns (that block, the next position). One uniform load per id and per block."""
+    nxt = tl.load(ids + tl.minimum(p, n_ids - 1))
+    while (p < n_ids) & (nxt < c_end):
+        # the block itself is carried (a carried boolean mask costs a shared-memory round trip)
+        z = tl.where(cols == nxt, NEG_INF, z)
+        p += 1
+        nxt = tl.load(ids + tl.minimum(p, n_ids - 1))
+    return z, p
+
+
+@triton.jit
+def _inside(z, cols, ids, lp, p, c_start):
+    """The columns of a block that are ids of the selected sparse teacher, and their p_j (0
+    elsewhere): walks its ascending ids down from position p while they are >= c_start (the
+    gradient pass visits the blocks from the last); returns (mask, p_j, the next position)."""
+    # -1 or NaN: not an id (p_j >= 0); derived from the block z to keep its register layout
+    pj = z * 0.0 - 1.0
+    nxt = tl.load(ids + tl.maximum(p, 0))
+    while (p >= 0) & (nxt >= c_start):
+        pj = tl.where(cols == nxt, tl.exp(tl.load(lp + p)), pj)
+        p -= 1
+        nxt = tl.load(ids + tl.maximum(p, 0))
+    return pj >= 0.0, pj, p
 
 
 @triton.jit
@@ -219,29 +261,44 @@ def _load_block(row, cols, lim, TAIL: tl.constexpr, ALIGNED: tl.constexpr):
 @triton.jit
 def _stats_pair(z_row, o_row, w_row, c0, v_lim, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw,
                 aw, c_t, SUB: tl.constexpr, HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr,
-                TAIL: tl.constexpr, ALIGNED: tl.constexpr):
-    """Two [SUB] blocks of the statistics pass at columns c0 and c0 + SUB, every load first;
-    masked only in the TAIL (the main loop's blocks lie inside the row)."""
+                TAIL: tl.constexpr, ALIGNED: tl.constexpr, start=0, o_ids=None, o_k=0, po=0,
+                w_ids=None, w_k=0, pw=0, OLD_SPARSE: tl.constexpr = False,
+                NEW_SPARSE: tl.constexpr = False):
+    """Two [SUB] blocks of the statistics pass at columns c0 and c0 + SUB (c0 = start + lanes),
+    every load first; masked only in the TAIL (the main loop's blocks lie inside the row). A
+    sparse teacher reads no row: its blocks are the student's outside its ids (`_outside`)."""
     c1 = c0 + SUB
     z0 = _load_block(z_row, c0, v_lim, TAIL, ALIGNED)
-    o0 = _load_block(o_row, c0, v_lim, TAIL, ALIGNED)
     z1 = _load_block(z_row, c1, v_lim, TAIL, ALIGNED)
-    o1 = _load_block(o_row, c1, v_lim, TAIL, ALIGNED)
+    if OLD_SPARSE:
+        o0, po = _outside(z0, c0, o_ids, o_k, po, start + SUB)
+        o1, po = _outside(z1, c1, o_ids, o_k, po, start + 2 * SUB)
+    else:
+        o0 = _load_block(o_row, c0, v_lim, TAIL, ALIGNED)
+        o1 = _load_block(o_row, c1, v_lim, TAIL, ALIGNED)
     w0 = o0
     w1 = o1
     if HAS_NEW:
-        w0 = _load_block(w_row, c0, v_lim, TAIL, ALIGNED)
-        w1 = _load_block(w_row, c1, v_lim, TAIL, ALIGNED)
+        if NEW_SPARSE:
+            w0, pw = _outside(z0, c0, w_ids, w_k, pw, start + SUB)
+            w1, pw = _outside(z1, c1, w_ids, w_k, pw, start + 2 * SUB)
+        else:
+            w0 = _load_block(w_row, c0, v_lim, TAIL, ALIGNED)
+            w1 = _load_block(w_row, c1, v_lim, TAIL, ALIGNED)
     zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
         z0, o0, w0, c0, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
-        HAS_NEW, OLD_AT_ONE)
-    return _lanes_step(z1, o1, w1, c1, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
-                       HAS_NEW, OLD_AT_ONE)
+        HAS_NEW, OLD_AT_ONE, OLD_SPARSE, NEW_SPARSE)
+    (zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw) = _lanes_step(
+        z1, o1, w1, c1, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
+        HAS_NEW, OLD_AT_ONE, OLD_SPARSE, NEW_SPARSE)
+    return zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, po, pw
 
 
 @triton.jit
 def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
-                OLD_AT_ONE: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr):
+                OLD_AT_ONE: tl.constexpr, SINGLE_BLOCK: tl.constexpr, PEEL: tl.constexpr,
+                o_ids=None, o_k=0, w_ids=None, w_k=0, OLD_SPARSE: tl.constexpr = False,
+                NEW_SPARSE: tl.constexpr = False):
     """Statistics of one row over columns [0, v_lim): maxima, first argmax, exp sums relative to
     the maxima (student at T and 1, teachers at T, old at 1 with OLD_AT_ONE), teacher KL partials.
 
@@ -253,6 +310,10 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
     bytes, e.g. an odd V): first the h < 16/e columns before the student row's first 16-byte
     boundary, masked, so that the main loop starts on it and keeps vector loads. Every lane
     still visits its columns in increasing order (head, main loop, tail).
+
+    OLD_SPARSE / NEW_SPARSE (loop path only): that teacher's ids o_ids / w_ids (o_k / w_k of
+    them, ascending) instead of its row; its slots return its tail stream, the max and sum over
+    the student's columns outside the ids (README.md, "Sparse teachers").
     """
     lanes = tl.arange(0, SUB)  # [SUB]
     c_t = inv_t * LOG2E
@@ -286,25 +347,37 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
         zst = tl.zeros([SUB], tl.float32)
         zs1, om, oa, so, ao, so1, wm, wa, sw, aw = zst, zm, za, zst, zst, zst, zm, za, zst, zst
         h = 0
+        po = 0  # the next of the sparse teachers' ids
+        pw = 0
         if PEEL:
             h = tl.minimum(_peel(z_row), v_lim)  # 0 for an ignored row (v_lim = 0)
             z = _load_block(z_row, lanes, h, True, False)
-            o = _load_block(o_row, lanes, h, True, False)
+            if OLD_SPARSE:
+                o, po = _outside(z, lanes, o_ids, o_k, po, h)
+            else:
+                o = _load_block(o_row, lanes, h, True, False)
             w = o
             if HAS_NEW:
-                w = _load_block(w_row, lanes, h, True, False)
+                if NEW_SPARSE:
+                    w, pw = _outside(z, lanes, w_ids, w_k, pw, h)
+                else:
+                    w = _load_block(w_row, lanes, h, True, False)
             zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _lanes_step(
                 z, o, w, lanes, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
-                HAS_NEW, OLD_AT_ONE)
+                HAS_NEW, OLD_AT_ONE, OLD_SPARSE, NEW_SPARSE)
         n_main = (v_lim - h) // (2 * SUB)
         for i in range(n_main):
-            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _stats_pair(
-                z_row, o_row, w_row, h + i * (2 * SUB) + lanes, v_lim, zm, za, zst, zs1, om, oa,
-                so, ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, False, PEEL)
+            start = h + i * (2 * SUB)
+            zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, po, pw = _stats_pair(
+                z_row, o_row, w_row, start + lanes, v_lim, zm, za, zst, zs1, om, oa,
+                so, ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, False, PEEL, start,
+                o_ids, o_k, po, w_ids, w_k, pw, OLD_SPARSE, NEW_SPARSE)
         # the tail: fewer than 2 * SUB columns, masked
-        zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw = _stats_pair(
-            z_row, o_row, w_row, h + n_main * (2 * SUB) + lanes, v_lim, zm, za, zst, zs1, om, oa,
-            so, ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, True, False)
+        start = h + n_main * (2 * SUB)
+        zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, po, pw = _stats_pair(
+            z_row, o_row, w_row, start + lanes, v_lim, zm, za, zst, zs1, om, oa,
+            so, ao, so1, wm, wa, sw, aw, c_t, SUB, HAS_NEW, OLD_AT_ONE, True, False, start,
+            o_ids, o_k, po, w_ids, w_k, pw, OLD_SPARSE, NEW_SPARSE)
         z = zm  # unused without SINGLE_BLOCK
         o = zm
         w = zm
@@ -335,11 +408,15 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
 
 @triton.jit
 def _grad_block(z, t, cols, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2,
-                HAS_CE: tl.constexpr, HAS_KL: tl.constexpr):
-    """c_t (softmax(z/T) - p_t) + c_ce (softmax(z) - onehot(y)) on one block; l2_* = log2 S."""
+                HAS_CE: tl.constexpr, HAS_KL: tl.constexpr, mem=None, pj=None,
+                SPARSE: tl.constexpr = False):
+    """c_t (softmax(z/T) - p_t) + c_ce (softmax(z) - onehot(y)) on one block; l2_* = log2 S.
+    SPARSE: p_t is pj on the columns in mem (the selected sparse teacher's ids)."""
     if HAS_KL:
         p_s = tl.exp2((z - zs) * k2 - l2_st)
         p_t = tl.exp2((t - ts) * k2 - l2_tt)
+        if SPARSE:
+            p_t = tl.where(mem, pj, p_t)
         g = c_t * (p_s - p_t)
     else:
         g = tl.zeros_like(z)
@@ -394,10 +471,13 @@ def _teacher_block(o_row, w_row, cols, t_lim, o_lim, w_lim, use_new, HAS_NEW: tl
 def _grad_pair(z_row, o_row, w_row, g_row, c0, s_lim, z_lim, t_lim, o_lim, w_lim, active, use_new, y,
                zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB: tl.constexpr,
                HAS_NEW: tl.constexpr, HAS_CE: tl.constexpr, HAS_KL: tl.constexpr,
-               TAIL: tl.constexpr, ALIGNED: tl.constexpr):
-    """Two [SUB] blocks of the gradient pass at columns c0 and c0 + SUB, both loads first. The
-    stores are masked (columns < s_lim) only in the TAIL (the main loop's blocks lie inside the
-    row); the *_lim are 0 or the end of the columns that may be read."""
+               TAIL: tl.constexpr, ALIGNED: tl.constexpr, start=0, sel_sparse=False, sp_ids=None,
+               sp_lp=None, p=0, SPARSE: tl.constexpr = False):
+    """Two [SUB] blocks of the gradient pass at columns c0 and c0 + SUB (c0 = start + lanes),
+    both loads first. The stores are masked (columns < s_lim) only in the TAIL (the main loop's
+    blocks lie inside the row); the *_lim are 0 or the end of the columns that may be read.
+    SPARSE: on rows whose selected teacher is sparse (sel_sparse) its target is the tail target
+    (the student itself as ``t``) except at its ids (`_inside`, position p); returns p."""
     c1 = c0 + SUB
     z0 = tl.load(_at(z_row, c0, ALIGNED), mask=_cols_mask(c0, z_lim, TAIL),
                  other=NEG_INF).to(tl.float32)
@@ -410,8 +490,19 @@ def _grad_pair(z_row, o_row, w_row, g_row, c0, s_lim, z_lim, t_lim, o_lim, w_lim
                             ALIGNED)
         t1 = _teacher_block(o_row, w_row, c1, t_lim, o_lim, w_lim, use_new, HAS_NEW, TAIL,
                             ALIGNED)
-    g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
-    g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL)
+    mem0 = c0 < 0
+    mem1 = mem0
+    pj0 = t0
+    pj1 = t1
+    if SPARSE:
+        t0 = tl.where(sel_sparse, z0, t0)
+        t1 = tl.where(sel_sparse, z1, t1)
+        mem1, pj1, p = _inside(z1, c1, sp_ids, sp_lp, p, start + SUB)
+        mem0, pj0, p = _inside(z0, c0, sp_ids, sp_lp, p, start)
+    g0 = _grad_block(z0, t0, c0, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL,
+                     mem0, pj0, SPARSE)
+    g1 = _grad_block(z1, t1, c1, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_CE, HAS_KL,
+                     mem1, pj1, SPARSE)
     g0 = tl.where(active, g0, 0.0).to(g_row.dtype.element_ty)
     g1 = tl.where(active, g1, 0.0).to(g_row.dtype.element_ty)
     if TAIL:
@@ -420,41 +511,83 @@ def _grad_pair(z_row, o_row, w_row, g_row, c0, s_lim, z_lim, t_lim, o_lim, w_lim
     else:
         tl.store(_at(g_row, c0, ALIGNED), g0)
         tl.store(_at(g_row, c1, ALIGNED), g1)
+    return p
 
 
 @triton.jit
 def _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st, l2_s1, ts,
               l2_tt, c_t, c_ce, k2, SUB: tl.constexpr, HAS_NEW: tl.constexpr,
-              HAS_CE: tl.constexpr, HAS_KL: tl.constexpr, PEEL: tl.constexpr):
+              HAS_CE: tl.constexpr, HAS_KL: tl.constexpr, PEEL: tl.constexpr, sel_sparse=False,
+              sp_ids=None, sp_lp=None, sp_k=0, SPARSE: tl.constexpr = False):
     """The gradient pass over one row, from its last columns to its first (the blocks the
     statistics pass read last are the likeliest still in L2): the masked tail, then whole
     iterations of two [SUB] blocks, all loads at the top, then (PEEL) the masked head before the
     student row's first 16-byte boundary (`_stream_row`). Reads the student (not for an ignored
     row) and the selected teacher (use_old: old, use_new: new, neither: none); writes every
     column (zeros when not active). Each block is read before it is written, so g may be the
-    student."""
+    student. SPARSE: a row whose selected teacher is sparse (sel_sparse) reads no teacher row;
+    its ids sp_ids (sp_k of them) and log-probabilities sp_lp are walked from the last."""
     lanes = tl.arange(0, SUB)  # [SUB]
     # V or 0 per row: as divisible as V, so the tail's masks stay uniform over a vector of columns
     z_lim = tl.where(active, V, 0)
-    t_lim = tl.where(active & (use_old | use_new), V, 0)
-    o_lim = tl.where(active & use_old, V, 0)
-    w_lim = tl.where(active & use_new, V, 0)
+    dense_t = (use_old | use_new) & (sel_sparse == 0)
+    t_lim = tl.where(active & dense_t, V, 0)
+    o_lim = tl.where(active & use_old & dense_t, V, 0)
+    w_lim = tl.where(active & use_new & dense_t, V, 0)
+    p = tl.where(sel_sparse & active, sp_k - 1, -1)  # -1: no ids to walk
     h = 0
     if PEEL:
         h = tl.minimum(_peel(z_row), V)
     n_main = (V - h) // (2 * SUB)
-    _grad_pair(z_row, o_row, w_row, g_row, h + n_main * (2 * SUB) + lanes, V, z_lim, t_lim, o_lim,
-               w_lim, active, use_new, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB,
-               HAS_NEW, HAS_CE, HAS_KL, True, False)
+    start = h + n_main * (2 * SUB)
+    p = _grad_pair(z_row, o_row, w_row, g_row, start + lanes, V, z_lim, t_lim, o_lim,
+                   w_lim, active, use_new, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB,
+                   HAS_NEW, HAS_CE, HAS_KL, True, False, start, sel_sparse, sp_ids, sp_lp, p,
+                   SPARSE)
     for j in range(n_main):
-        _grad_pair(z_row, o_row, w_row, g_row, h + (n_main - 1 - j) * (2 * SUB) + lanes, V,
-                   z_lim, t_lim, o_lim, w_lim, active, use_new, y, zs, l2_st, l2_s1, ts, l2_tt,
-                   c_t, c_ce, k2, SUB, HAS_NEW, HAS_CE, HAS_KL, False, PEEL)
+        start = h + (n_main - 1 - j) * (2 * SUB)
+        p = _grad_pair(z_row, o_row, w_row, g_row, start + lanes, V,
+                       z_lim, t_lim, o_lim, w_lim, active, use_new, y, zs, l2_st, l2_s1, ts,
+                       l2_tt, c_t, c_ce, k2, SUB, HAS_NEW, HAS_CE, HAS_KL, False, PEEL, start,
+                       sel_sparse, sp_ids, sp_lp, p, SPARSE)
     if PEEL:  # columns [0, h)
         _grad_pair(z_row, o_row, w_row, g_row, lanes, h, tl.minimum(z_lim, h),
                    tl.minimum(t_lim, h), tl.minimum(o_lim, h), tl.minimum(w_lim, h), active,
                    use_new, y, zs, l2_st, l2_s1, ts, l2_tt, c_t, c_ce, k2, SUB, HAS_NEW, HAS_CE,
-                   HAS_KL, True, False)
+                   HAS_KL, True, False, 0, sel_sparse, sp_ids, sp_lp, p, SPARSE)
+
+
+@triton.jit
+def _sparse_kl_part(z_row, ids, lp, j, lim, zs, log_st, inv_t):
+    """sum p_j (lp_j - log q_j) over the ids j < lim of one [KB] chunk j."""
+    jm = j < lim
+    at = tl.load(ids + j, mask=jm, other=0)
+    lpj = tl.load(lp + j, mask=jm, other=NEG_INF)
+    zj = tl.load(z_row + at, mask=jm, other=0.0).to(tl.float32)
+    p = tl.exp(lpj)
+    # p == 0 terms are 0, also against a -inf student logit
+    return tl.sum(tl.where(p > 0.0, p * (lpj - ((zj - zs) * inv_t - log_st)), 0.0), 0)
+
+
+@triton.jit
+def _sparse_kl(z_row, ids, lp, n_ids, tail, active, zs, log_st, inv_t, tref, s_tail,
+               KB: tl.constexpr, ONE_CHUNK: tl.constexpr):
+    """A sparse teacher's KL over its k + 1 categories, from z[ids] (read KB at a time) and the
+    student's tail stream (tref = its max, 0 for none; s_tail its sum); also log S_tt, the
+    gradient's normaliser of the tail target, log S_tail - TAIL (inf where there is no tail)."""
+    lim = tl.where(active, n_ids, 0)
+    if ONE_CHUNK:  # k <= KB: no loop (and no reduction inside one)
+        acc = _sparse_kl_part(z_row, ids, lp, tl.arange(0, KB), lim, zs, log_st, inv_t)
+    else:
+        acc = 0.0
+        for j0 in range(0, n_ids, KB):
+            acc += _sparse_kl_part(z_row, ids, lp, j0 + tl.arange(0, KB), lim, zs, log_st, inv_t)
+    p_tail = tl.exp(tail)
+    log_qt = (tref - zs) * inv_t + tl.log(s_tail) - log_st  # never 1 - sum_K q
+    has_tail = (p_tail > 0.0) & (s_tail > 0.0)
+    t_term = tl.where(has_tail, p_tail * (tail - log_qt), 0.0)
+    t_term = tl.where((p_tail > 0.0) & (s_tail == 0.0), float("inf"), t_term)
+    return acc + t_term, tl.where(has_tail, tl.log(s_tail) - tail, float("inf"))
 
 
 @triton.jit
@@ -464,10 +597,13 @@ def _compat_loss_kernel(
     w_ptr, w_sb, w_st,
     g_ptr, g_sb, g_st,
     y_ptr, m_ptr, scale_ptr, out_ptr,
+    oi_ptr, ol_ptr, or_ptr, O_K, wi_ptr, wl_ptr, wr_ptr, W_K,
     T_LEN, V, inv_t, kl_weight, ce_weight, ignore_index,
     HAS_NEW: tl.constexpr, MASK_MODE: tl.constexpr, OLD_AT_ONE: tl.constexpr,
     HAS_GRAD: tl.constexpr, HAS_KL: tl.constexpr, HAS_CE: tl.constexpr,
     SINGLE_BLOCK: tl.constexpr, BLOCK_V: tl.constexpr, PEEL: tl.constexpr,
+    OLD_SPARSE: tl.constexpr = False, NEW_SPARSE: tl.constexpr = False, KB: tl.constexpr = 16,
+    ONE_CHUNK: tl.constexpr = True,
 ):
     """One token row: statistics pass, mask, loss, the row stats, then (HAS_GRAD) the gradient.
 
@@ -476,6 +612,11 @@ def _compat_loss_kernel(
     pass 2 reads the student and the ONE teacher the mask selected again and writes the gradient:
     + V * (e_z + e_t + e_g). An ignored row reads nothing and writes V * e_g zeros (with a grad).
     BLOCK_V: the row's one block (SINGLE_BLOCK), else the columns of one loop iteration.
+
+    OLD_SPARSE / NEW_SPARSE (loop path only): that teacher is given sparsely, O_K ids oi_ptr,
+    log-probabilities ol_ptr and row scalars or_ptr per row (README.md, "Sparse teachers"): no
+    row of it is read, its tail stream is the student's outside the ids, z[ids] is read in
+    chunks of KB after pass 1. With one sparse teacher selected, pass 2 reads the student only.
     """
     row = tl.program_id(0).to(tl.int64)
     b = row // T_LEN
@@ -488,14 +629,18 @@ def _compat_loss_kernel(
     y_ok = (y >= 0) & (y < V)
     SUB: tl.constexpr = BLOCK_V if SINGLE_BLOCK else BLOCK_V // 2
     v_lim = tl.where(active, V, 0)  # an ignored row reads nothing
+    oi_row = oi_ptr + row * O_K
+    ol_row = ol_ptr + row * O_K
+    wi_row = wi_ptr + row * W_K
+    wl_row = wl_ptr + row * W_K
     (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o, w, zr, orr,
      wr) = _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB, HAS_NEW, OLD_AT_ONE,
-                       SINGLE_BLOCK, PEEL)
+                       SINGLE_BLOCK, PEEL, oi_row, O_K, wi_row, W_K, OLD_SPARSE, NEW_SPARSE)
     # the label's logits: one in-range element each (never an address from an unchecked label)
     y_at = tl.where(y_ok, y, 0)
     z_y = tl.load(z_row + y_at, mask=active & y_ok, other=0.0).to(tl.float32)
     o_y = 0.0
-    if OLD_AT_ONE:
+    if OLD_AT_ONE and not OLD_SPARSE:
         o_y = tl.load(o_row + y_at, mask=active & y_ok, other=0.0).to(tl.float32)
 
     nan = float("nan")
@@ -509,11 +654,22 @@ def _compat_loss_kernel(
     # KL = E_pt[(x - xref) - (z - zref)]/T - log S_t + log S_s: differences to the maxima only
     kl_old = (a_o / s_o) * inv_t - log_so + log_st
     ce = (zs - z_y) + log_s1
+    old_lp = (o_y - os_) - tl.log(s_o1)
+    if OLD_SPARSE:  # its slots hold the tail stream: ob = m_tail, s_o = S_tail
+        kl_old, log_so = _sparse_kl(z_row, oi_row, ol_row, O_K, tl.load(or_ptr + row * 3 + SC_TAIL),
+                                    active, zs, log_st, inv_t, os_, s_o, KB, ONE_CHUNK)
+        o_arg = tl.load(or_ptr + row * 3 + SC_ARGMAX).to(tl.int32)
+        old_lp = tl.load(or_ptr + row * 3 + SC_LABEL_LP)
     kl_new = 0.0
     log_sw = 0.0
     if HAS_NEW:
         log_sw = tl.log(s_w)
         kl_new = (a_w / s_w) * inv_t - log_sw + log_st
+        if NEW_SPARSE:
+            kl_new, log_sw = _sparse_kl(z_row, wi_row, wl_row, W_K,
+                                        tl.load(wr_ptr + row * 3 + SC_TAIL), active, zs, log_st,
+                                        inv_t, ws, s_w, KB, ONE_CHUNK)
+            w_arg = tl.load(wr_ptr + row * 3 + SC_ARGMAX).to(tl.int32)
 
     if MASK_MODE == M_GIVEN:
         to_old = tl.load(m_ptr + row) != 0
@@ -522,7 +678,7 @@ def _compat_loss_kernel(
     elif MASK_MODE == M_OLD_CORRECT:
         to_old = o_arg == y
     elif MASK_MODE == M_TOKEN_LIKELIHOOD:
-        to_old = (z_y - zs - log_s1) < (o_y - os_ - tl.log(s_o1))
+        to_old = (z_y - zs - log_s1) < old_lp
     else:  # M_ALL_OLD
         to_old = y == y
 
@@ -546,7 +702,7 @@ def _compat_loss_kernel(
     tl.store(out + S_KL_NEW, tl.where(active, kl_new, 0.0))
     tl.store(out + S_CE, tl.where(active, ce, 0.0))
     if OLD_AT_ONE:
-        tl.store(out + S_OLD_LOGP, tl.where(active, (o_y - os_) - tl.log(s_o1), 0.0))
+        tl.store(out + S_OLD_LOGP, tl.where(active, old_lp, 0.0))
     else:
         tl.store(out + S_OLD_LOGP, 0.0)
 
@@ -587,9 +743,24 @@ def _compat_loss_kernel(
                                     l2_s1, ts, l2_tt, c_t, c_ce, k2, HAS_NEW, HAS_CE, HAS_KL)
                 tl.store(g_row + cols, g.to(g_ty), mask=cols < V)
         else:
-            # only the selected teacher's row is read again
+            # only the selected teacher's row is read again (none when it is sparse)
+            SPARSE: tl.constexpr = OLD_SPARSE or NEW_SPARSE
+            if OLD_SPARSE and NEW_SPARSE:
+                sel_sparse = use_old | use_new
+                sp_ids = tl.where(use_new, wi_row, oi_row)
+                sp_lp = tl.where(use_new, wl_row, ol_row)
+                sp_k = tl.where(use_new, W_K, O_K)
+            elif OLD_SPARSE:
+                sel_sparse = use_old
+                sp_ids, sp_lp, sp_k = oi_row, ol_row, O_K
+            else:  # NEW_SPARSE, or none (then no row selects a sparse teacher)
+                sel_sparse = use_new
+                if not NEW_SPARSE:
+                    sel_sparse = use_new != use_new
+                sp_ids, sp_lp, sp_k = wi_row, wl_row, W_K
             _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2_st,
-                      l2_s1, ts, l2_tt, c_t, c_ce, k2, BLOCK_V, HAS_NEW, HAS_CE, HAS_KL, PEEL)
+                      l2_s1, ts, l2_tt, c_t, c_ce, k2, BLOCK_V, HAS_NEW, HAS_CE, HAS_KL, PEEL,
+                      sel_sparse, sp_ids, sp_lp, sp_k, SPARSE)
 
 
 @triton.jit
@@ -794,6 +965,19 @@ def design_bytes(n_rows: int, vocab: int, elem: int, *, teachers: int, grad: boo
     return stats + n_rows * vocab * 2 * elem + teacher_rows * vocab * elem
 
 
+def design_bytes_sparse(n_rows: int, vocab: int, elem: int, *, k: int, teachers: int,
+                        grad: bool) -> int:
+    """DRAM bytes of ``_compat_loss_kernel`` with ``teachers`` sparse teachers of ``k`` ids:
+    statistics pass, the student once, each teacher's ids, log-probabilities (8 k) and row
+    scalars (12), ``N_STATS`` float32 written; with a gradient (of a row whose selected teacher
+    is sparse) the student again, its ids and log-probabilities again, the gradient written.
+    About ``3 V e_z + O(k)`` a row, against ``V (2 e_z + e_o + e_w + e_t + e_g)`` dense."""
+    stats = n_rows * (vocab * elem + teachers * (8 * k + 12) + N_STATS * 4)
+    if not grad:
+        return stats
+    return stats + n_rows * (vocab * 2 * elem + 8 * k)
+
+
 def loop_columns(kernel: str, block_v: int, single_block: bool = False) -> list:
     """Columns one iteration of each loop of ``kernel`` covers, in code order: the statistics
     loop (two blocks of BLOCK_V / 2), then the gradient loop (two blocks of BLOCK_V)."""
@@ -839,8 +1023,16 @@ def compat_loss_triton(
     ce_weight: float,
     ignore_index: int,
     old_label_logprob: bool,
+    old_sparse: Optional[SparseRows] = None,
+    new_sparse: Optional[SparseRows] = None,
 ) -> torch.Tensor:
     """Launch ``_compat_loss_kernel`` over the rows of [B, T, V] inputs; returns [B*T, 9] row stats.
+
+    A teacher given sparsely (``old_sparse`` / ``new_sparse``, README.md "Sparse teachers") has
+    None logits; such a launch takes the loop path whatever V (the one-block path keeps teacher
+    rows in registers, which a sparse teacher does not have) and moves per valid row
+    ``V * e_z + 8 k + 12`` bytes for the statistics, ``+ V * (e_z + e_g) + 8 k`` for a gradient
+    whose selected teacher is sparse.
 
     Bytes moved per valid row: ``V * (e_z + e_o + e_w)`` read once; with a gradient, rows of at
     most ``MAX_FUSED_BLOCK_V`` columns add only ``V * e_g`` written, longer rows add
@@ -854,21 +1046,38 @@ def compat_loss_triton(
     if n == 0:
         return out
     single, block = _blocks(V)
-    w = new_logits if new_logits is not None else old_logits
+    if old_sparse is not None or new_sparse is not None:
+        single, block = False, LOOP_BLOCK_V
+    # a sparse (or absent) teacher's row is never read: the student stands in for its pointer
+    o = old_logits if old_logits is not None else logits
+    w = new_logits if new_logits is not None else o
+    has_new = new_logits is not None or new_sparse is not None
     g = grad if grad is not None else logits
-    peel = needs_peel(logits, old_logits, w, g)
+    peel = needs_peel(logits, o, w, g)
+    none_i = torch.zeros(1, dtype=torch.int32, device=logits.device)
+    none_f = torch.zeros(1, dtype=torch.float32, device=logits.device)
+    so = old_sparse or SparseRows(none_i, none_f, none_f)
+    sw = new_sparse or SparseRows(none_i, none_f, none_f)
+    k_o = so.idx.shape[-1] if old_sparse is not None else 0
+    k_w = sw.idx.shape[-1] if new_sparse is not None else 0
+    # z[ids] in one [KB] chunk up to 4096 ids, else a loop of 1024
+    kb = triton.next_power_of_2(max(k_o, k_w, 1))
+    kb = kb if kb <= 4096 else 1024
     with _on_device_of(logits):
         _compat_loss_kernel[(n,)](
             logits, logits.stride(0), logits.stride(1),
-            old_logits, old_logits.stride(0), old_logits.stride(1),
+            o, o.stride(0), o.stride(1),
             w, w.stride(0), w.stride(1),
             g, g.stride(0), g.stride(1),
             labels, mask if mask is not None else labels, scale, out,
+            so.idx, so.lp, so.row, k_o, sw.idx, sw.lp, sw.row, k_w,
             T, V, float(inv_temperature), float(kl_weight), float(ce_weight), int(ignore_index),
-            HAS_NEW=new_logits is not None, MASK_MODE=int(mask_mode),
+            HAS_NEW=has_new, MASK_MODE=int(mask_mode),
             OLD_AT_ONE=bool(old_label_logprob or mask_mode == MaskMode.TOKEN_LIKELIHOOD),
             HAS_GRAD=grad is not None, HAS_KL=kl_weight != 0, HAS_CE=ce_weight != 0,
             SINGLE_BLOCK=single, BLOCK_V=block, PEEL=peel, num_warps=_warps(block, single),
+            OLD_SPARSE=old_sparse is not None, NEW_SPARSE=new_sparse is not None, KB=kb,
+            ONE_CHUNK=max(k_o, k_w) <= kb,
         )
     return out
 
