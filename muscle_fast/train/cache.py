@@ -95,9 +95,10 @@ def _digest(chunks: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-def _bytes(t: Tensor) -> bytes:
+def _bytes(t: Tensor):
+    """The tensor's bytes as a buffer (no copy for a contiguous CPU tensor)."""
     t = t.detach().contiguous().cpu()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+    return t.reshape(-1).view(torch.uint8).numpy()
 
 
 def token_fingerprint(ids: Tensor | Sequence[int]) -> str:
