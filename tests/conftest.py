@@ -33,8 +33,54 @@ def _interpreter_rounds_bf16_to_nearest_even():
     interpreter.InterpreterBuilder.cast_impl = cast_rtne
 
 
+def _interpreter_patches_the_language_once_a_launch():
+    """Triton's interpreter (3.x) patches triton.language for the interpreter (inspect.getmembers
+    over tl, tl.tensor, tl.math) at each launch, and again at every call of a @triton.jit helper
+    inside the kernel: a few ms a call, for every block of every row, about 40% of an interpreted
+    test's time. Within a launch the language is already patched for the kernel, so a helper
+    whose module sees no other language module skips the repeat; the launch restores the
+    language at its end as before. Kernels and results are unchanged; test time only."""
+    try:
+        import inspect
+
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang, launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    if not callable(patch_lang) or getattr(patch_lang, "_once_a_launch", False):
+        return
+    patched = set()  # ids of the language modules the running launch has patched
+
+    class _Nothing:
+        def restore(self):
+            pass
+
+    def langs(fn):
+        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+
+    def patch_lang_once(fn):
+        wanted = langs(fn)
+        if patched and wanted <= patched:
+            return _Nothing()
+        scope = patch_lang(fn)
+        patched.update(wanted)
+        return scope
+
+    def launch_and_forget(self, *args, **kwargs):
+        try:
+            return launch(self, *args, **kwargs)
+        finally:  # the launch restored the language
+            patched.clear()
+
+    patch_lang_once._once_a_launch = True
+    interpreter._patch_lang = patch_lang_once
+    interpreter.GridExecutor.__call__ = launch_and_forget
+
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _interpreter_rounds_bf16_to_nearest_even()
+    _interpreter_patches_the_language_once_a_launch()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
