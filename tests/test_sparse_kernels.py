@@ -62,9 +62,21 @@ def adversarial(V, k, lead=(2, 5), seed=0):
     return z, o, y
 
 
+SLOW = pytest.mark.slow
+# (k, T): every k at T = 2 and k = 7 at T = 1 by default; the rest in the slow run
+K_T = [pytest.param(7, 1.0, id="k7-T1"), pytest.param(7, 2.0, id="k7-T2"),
+       pytest.param(1, 2.0, id="k1-T2"), pytest.param("V", 2.0, id="kV-T2"),
+       pytest.param(1, 1.0, id="k1-T1", marks=SLOW), pytest.param("V", 1.0, id="kV-T1", marks=SLOW)]
+# (dtype, mask): every mask in float32, bfloat16 with muscle; the rest in the slow run
+DTYPE_MASK = [pytest.param(torch.float32, m, id=f"fp32-{m}")
+              for m in ("muscle", "token_likelihood", "old_correct")]
+DTYPE_MASK += [pytest.param(torch.bfloat16, "muscle", id="bf16-muscle")]
+DTYPE_MASK += [pytest.param(torch.bfloat16, m, id=f"bf16-{m}", marks=SLOW)
+               for m in ("token_likelihood", "old_correct")]
+
+
 @pytest.mark.parametrize("impl,block_path,V", PATHS)
-@pytest.mark.parametrize("k", [1, 7, "V"], ids=lambda k: f"k{k}")
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("k,temperature", K_T)
 def test_adversarial_rows_against_ref64(impl, block_path, V, k, temperature, path):
     path(block_path)
     k = V if k == "V" else k
@@ -83,8 +95,7 @@ def test_adversarial_rows_against_ref64(impl, block_path, V, k, temperature, pat
 
 
 @pytest.mark.parametrize("impl,block_path,V", PATHS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("mask", ["muscle", "token_likelihood", "old_correct"])
+@pytest.mark.parametrize("dtype,mask", DTYPE_MASK)
 def test_two_sparse_teachers_every_mask(impl, block_path, V, dtype, mask, path):
     path(block_path)
     g = torch.Generator().manual_seed(1)
