@@ -333,7 +333,8 @@ def test_interrupted_build_resumes(parts, tmp_path, monkeypatch, when):
     TeacherCache(tmp_path / "cut", verify=True)
 
 
-def test_cli_builds_the_same_cache(parts, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["hidden", "topk"])
+def test_cli_builds_the_same_cache(parts, tmp_path, capsys, kind):
     from muscle_fast.cli import main
 
     new_base, new_adapter, old_base, old_adapter = parts
@@ -342,11 +343,13 @@ def test_cli_builds_the_same_cache(parts, tmp_path, capsys):
     rows = _rows(_batch(8, seed=3))
     with open(tmp_path / "data.jsonl", "w") as f:
         f.writelines(json.dumps({k: v.tolist() for k, v in r.items()}) + "\n" for r in rows)
-    _build(tmp_path / "fn", parts, rows)
+    topk = {"kind": "topk", "k": 8} if kind == "topk" else {}
+    _build(tmp_path / "fn", parts, rows, **topk)
     rc = main(["cache-teachers", "--old-base", str(tmp_path / "old_base"), "--old-adapter",
                old_adapter, "--new-base", str(tmp_path / "new_base"), "--new-adapter", new_adapter,
                "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "cli"),
-               "--rows-per-shard", "3", "--batch-size", "2", "--no-progress"])
+               "--rows-per-shard", "3", "--batch-size", "2", "--no-progress", "--kind", kind]
+              + (["--k", "8"] if topk else []))
     assert rc == 0
     out = capsys.readouterr().out
     assert "8 rows" in out and "B/token" in out and "free" in out
@@ -709,3 +712,13 @@ def test_smollm2_trains_from_both_caches(tmp_path):
         torch.testing.assert_close(hdw[n], ldw[n], rtol=1e-3, atol=1e-7, msg=n)
     assert all(math.isfinite(h["loss"]) for h in tl)
     assert any(d.abs().sum() > 0 for d in tdw.values())
+
+
+def test_cli_names_a_bad_input(tmp_path, capsys):
+    from muscle_fast.cli import main
+
+    (tmp_path / "data.jsonl").write_text('{"input_ids": [1, 2, 3]}\nnot json\n')
+    rc = main(["cache-teachers", "--old-base", str(tmp_path), "--new-base", str(tmp_path),
+               "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c")])
+    assert rc == 2
+    assert "data.jsonl:2: not JSON" in capsys.readouterr().err
