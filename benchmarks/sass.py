@@ -345,12 +345,14 @@ def analyse(v: Variant, compiled, consts: dict, warps: int, tk, commit: str, ver
               if hasattr(tk, "loop_columns") else [])  # kernels before loop_columns: BLOCK_V
     cols_iter = [design[i] if i < len(design) else block for i in range(len(loops))]
     if v.kernel == "row_sparse":
-        # the two loops that load the student row (vector loads) are the statistics and the
-        # gradient passes; the others walk the few ids outside them (counted as one iteration)
+        # the first and the last loop that load the student row (vector loads) are the
+        # statistics and the gradient passes; the others (the ids walks, and the exact tail pass
+        # that only rows with a tiny tail take) are counted as one iteration
         mains = [i for i, c in enumerate(per_loop) if c["ldg_vec"]]
         cols_iter = [v.V] * len(loops)
-        for i, cols in zip(mains, design):
-            cols_iter[i] = cols
+        if mains:
+            cols_iter[mains[0]] = design[0]
+            cols_iter[mains[-1]] = design[-1]
     cpt = [max(1.0, c / (32 * warps)) for c in cols_iter]  # columns per thread per iteration
     iters = [math.ceil(v.V / c) for c in cols_iter]
     cols_per_thread = max(1.0, (block if single else v.V) / (32 * warps))

@@ -119,8 +119,9 @@ def test_row_loads_are_vectorised(compiled, name):
         # in the loops, besides the student's vector loads, only the ids walks' uniform 32-bit
         # loads: 8 in the statistics loop (2 blocks x 2 teachers x the id before and inside a
         # walk), 6 in the gradient loop (an id and its log p), 8 in the tail block's walks
-        # (loops of their own); element-wide student loads: z[y] and each teacher's z[ids]
-        assert r["loop_scalar_loads"] <= 22
+        # (loops of their own), 2 in each exact tail pass (rows with a tiny tail), 1-2 in the
+        # head peel's walks (odd V); element-wide student loads: z[y] and each teacher's z[ids]
+        assert r["loop_scalar_loads"] <= 28
     else:
         assert r["loop_scalar_loads"] == 0
     if r["V"] % (8 if r["dtype"] != "fp32" else 4) == 0:

@@ -61,7 +61,8 @@ NEG_INF = tl.constexpr(float("-inf"))
 # only (zr: the student lane's max, 0 while it is -inf), never a logit's absolute size.
 @triton.jit
 def _lane_student(z, cols, m, arg, s_t, s_1, c_t):
-    """The student lane's update; also (z - zr, the rise of zr) for the teachers' KL partials."""
+    """The student lane's update; also (z - zr, the rise of zr) for the teachers' KL partials,
+    and (a new max?, the exp at T of the update) for the sparse teachers' tail sums."""
     up = z > m  # strictly: a lane keeps its first index on ties
     nd = -tl.abs(z - m)  # smaller minus larger (NaN only when both are -inf, or z is NaN)
     dead = z == NEG_INF
@@ -71,7 +72,15 @@ def _lane_student(z, cols, m, arg, s_t, s_1, c_t):
     s_1 = tl.where(up, s_1 * e_1 + 1.0, s_1 + e_1)
     r0 = tl.where(m == NEG_INF, 0.0, m)
     r1 = tl.where(up, z, r0)
-    return tl.where(up, z, m), tl.where(up, cols, arg), s_t, s_1, z - r1, r1 - r0
+    return tl.where(up, z, m), tl.where(up, cols, arg), s_t, s_1, z - r1, r1 - r0, up, e_t
+
+
+@triton.jit
+def _lane_tail(x, up, e_t, s):
+    """A sparse teacher's tail sum, relative to the student lane's maximum: the student's own exp
+    at T (e_t, the student's update) where x, the student outside K, is not -inf."""
+    out = x == NEG_INF
+    return tl.where(up, s * e_t + tl.where(out, 0.0, 1.0), s + tl.where(out, 0.0, e_t))
 
 
 @triton.jit
@@ -100,14 +109,19 @@ def _lane_teacher(x, zd, dz, cols, m, arg, s, a, s_1, c_t, AT_ONE: tl.constexpr,
 def _lanes_step(z, o, w, cols, zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw, c_t,
                 HAS_NEW: tl.constexpr, OLD_AT_ONE: tl.constexpr, OLD_SPARSE: tl.constexpr = False,
                 NEW_SPARSE: tl.constexpr = False):
-    """One block of every stream; a sparse teacher's slots hold its tail stream (o or w is then
-    the student with K's columns at -inf, `_outside`)."""
-    zm, za, zst, zs1, zd, dz = _lane_student(z, cols, zm, za, zst, zs1, c_t)
-    om, oa, so, ao, so1 = _lane_teacher(o, zd, dz, cols, om, oa, so, ao, so1, c_t,
-                                        OLD_AT_ONE and not OLD_SPARSE, not OLD_SPARSE)
+    """One block of every stream; a sparse teacher's sum slot holds its tail sum relative to the
+    student's lane maximum (o or w is then the student with K's columns at -inf, `_outside`)."""
+    zm, za, zst, zs1, zd, dz, up, e_t = _lane_student(z, cols, zm, za, zst, zs1, c_t)
+    if OLD_SPARSE:
+        so = _lane_tail(o, up, e_t, so)
+    else:
+        om, oa, so, ao, so1 = _lane_teacher(o, zd, dz, cols, om, oa, so, ao, so1, c_t,
+                                            OLD_AT_ONE)
     if HAS_NEW:
-        wm, wa, sw, aw, _ = _lane_teacher(w, zd, dz, cols, wm, wa, sw, aw, sw, c_t, False,
-                                          not NEW_SPARSE)
+        if NEW_SPARSE:
+            sw = _lane_tail(w, up, e_t, sw)
+        else:
+            wm, wa, sw, aw, _ = _lane_teacher(w, zd, dz, cols, wm, wa, sw, aw, sw, c_t, False)
     return zm, za, zst, zs1, om, oa, so, ao, so1, wm, wa, sw, aw
 
 
@@ -391,6 +405,9 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
     ob, o_arg, oref = _lanes_max(om, oa, om2, oa2, TWO)
     s_o, a_o = _teacher_sums(o, z, orr, zr, om, om2, so, so2, ao, zm, oref, zref, c_t,
                              SINGLE_BLOCK, TWO)
+    if OLD_SPARSE:  # the tail sum, relative to the student's maximum (its reference)
+        ob = zb
+        s_o = _lanes_sum(so, zm, so2, zm2, zref, c_t, TWO)
     s_o1 = 0.0
     if OLD_AT_ONE:
         s_o1 = _lanes_sum(so1, om, so12, om2, oref, LOG2E, TWO)
@@ -402,6 +419,9 @@ def _stream_row(z_row, o_row, w_row, v_lim, V, inv_t, SUB: tl.constexpr, HAS_NEW
         wb, w_arg, wref = _lanes_max(wm, wa, wm2, wa2, TWO)
         s_w, a_w = _teacher_sums(w, z, wr, zr, wm, wm2, sw, sw2, aw, zm, wref, zref, c_t,
                                  SINGLE_BLOCK, TWO)
+        if NEW_SPARSE:
+            wb = zb
+            s_w = _lanes_sum(sw, zm, sw2, zm2, zref, c_t, TWO)
     return (zb, z_arg, s_st, s_s1, ob, o_arg, s_o, a_o, s_o1, wb, w_arg, s_w, a_w, z, o, w, zr,
             orr, wr)
 
@@ -557,6 +577,30 @@ def _grad_row(z_row, o_row, w_row, g_row, V, active, use_old, use_new, y, zs, l2
                    HAS_KL, True, False, 0, sel_sparse, sp_ids, sp_lp, p, SPARSE)
 
 
+# Below this, a tail sum taken relative to the student's maximum may have lost terms to exp2's
+# flush to 0 (each below 2^-126, at most V of them): such rows redo it against the tail's own max.
+TAIL_TINY = tl.constexpr(2.0 ** -60)
+
+
+@triton.jit
+def _tail_stream(z_row, ids, n_ids, v_lim, c_t, SUB: tl.constexpr):
+    """(max, sum exp2((z - max) c_t)) over the student's columns outside a sparse teacher's ids,
+    in one more pass over the row: the exact tail of rows whose tail is tiny next to the
+    student's maximum (rare: the statistics pass takes it from the student's own exp)."""
+    lanes = tl.arange(0, SUB)
+    m = tl.full([SUB], NEG_INF, tl.float32)
+    arg = tl.zeros([SUB], tl.int32)
+    s = tl.zeros([SUB], tl.float32)
+    p = 0
+    for c0 in range(0, v_lim, SUB):
+        cols = c0 + lanes
+        z = tl.load(z_row + cols, mask=cols < v_lim, other=NEG_INF).to(tl.float32)
+        x, p = _outside(z, cols, ids, n_ids, p, c0 + SUB)
+        m, arg, s, _, _ = _lane_teacher(x, x, x, cols, m, arg, s, s, s, c_t, False, False)
+    best, _, ref = _lanes_max(m, arg, m, arg, False)
+    return best, _lanes_sum(s, m, s, m, ref, c_t, False)
+
+
 @triton.jit
 def _sparse_kl_part(z_row, ids, lp, j, lim, zs, log_st, inv_t):
     """sum p_j (lp_j - log q_j) over the ids j < lim of one [KB] chunk j."""
@@ -655,9 +699,13 @@ def _compat_loss_kernel(
     kl_old = (a_o / s_o) * inv_t - log_so + log_st
     ce = (zs - z_y) + log_s1
     old_lp = (o_y - os_) - tl.log(s_o1)
-    if OLD_SPARSE:  # its slots hold the tail stream: ob = m_tail, s_o = S_tail
-        kl_old, log_so = _sparse_kl(z_row, oi_row, ol_row, O_K, tl.load(or_ptr + row * 3 + SC_TAIL),
-                                    active, zs, log_st, inv_t, os_, s_o, KB, ONE_CHUNK)
+    if OLD_SPARSE:  # s_o: its tail sum relative to ob = the student's max (os_ its reference)
+        tail_o = tl.load(or_ptr + row * 3 + SC_TAIL)
+        if active & (tail_o > NEG_INF) & (s_o < TAIL_TINY):
+            ob, s_o = _tail_stream(z_row, oi_row, O_K, v_lim, inv_t * LOG2E, SUB)
+            os_ = tl.where(ob == NEG_INF, 0.0, ob)
+        kl_old, log_so = _sparse_kl(z_row, oi_row, ol_row, O_K, tail_o, active, zs, log_st,
+                                    inv_t, os_, s_o, KB, ONE_CHUNK)
         o_arg = tl.load(or_ptr + row * 3 + SC_ARGMAX).to(tl.int32)
         old_lp = tl.load(or_ptr + row * 3 + SC_LABEL_LP)
     kl_new = 0.0
@@ -666,8 +714,11 @@ def _compat_loss_kernel(
         log_sw = tl.log(s_w)
         kl_new = (a_w / s_w) * inv_t - log_sw + log_st
         if NEW_SPARSE:
-            kl_new, log_sw = _sparse_kl(z_row, wi_row, wl_row, W_K,
-                                        tl.load(wr_ptr + row * 3 + SC_TAIL), active, zs, log_st,
+            tail_w = tl.load(wr_ptr + row * 3 + SC_TAIL)
+            if active & (tail_w > NEG_INF) & (s_w < TAIL_TINY):
+                wb, s_w = _tail_stream(z_row, wi_row, W_K, v_lim, inv_t * LOG2E, SUB)
+                ws = tl.where(wb == NEG_INF, 0.0, wb)
+            kl_new, log_sw = _sparse_kl(z_row, wi_row, wl_row, W_K, tail_w, active, zs, log_st,
                                         inv_t, ws, s_w, KB, ONE_CHUNK)
             w_arg = tl.load(wr_ptr + row * 3 + SC_ARGMAX).to(tl.int32)
 
