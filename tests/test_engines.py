@@ -44,6 +44,8 @@ VOCAB, SEQ = 64, 10
 ATOL, RTOL = 1e-6, 1e-5
 W_ATOL, W_RTOL = 1e-6, 1e-5
 STAT_ATOL = 2e-6
+CACHES = ("hidden", "topk")
+TOPK = 8
 TIMEOUT_S = 240
 
 ZERO_AUTO = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
@@ -82,11 +84,36 @@ def _save_models(d: Path):
         m.save_pretrained(str(d / f"{name}_adapter"))
 
 
-def _build(d: Path):
+def _build(d: Path, cache: str | None = None):
     from muscle_fast.train import build_compat_model
 
+    if cache is not None:  # the student alone, its teachers read from the cache: no old model
+        from muscle_fast.train.cache import build_cached_compat_model
+
+        return build_cached_compat_model(str(d / "new_base"), str(d / "new_adapter"),
+                                         str(d / f"cache_{cache}"))
     return build_compat_model(str(d / "new_base"), str(d / "new_adapter"), str(d / "old_base"),
                               str(d / "old_adapter"))
+
+
+def _save_caches(d: Path):
+    """Both kinds of teacher cache over _rows(), from the old and the new task models."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from muscle_fast.train.cache import build_teacher_cache
+
+    teachers = {name: PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(d / f"{name}_base"), str(d / f"{name}_adapter")).eval()
+        for name in ("old", "new")}
+    for kind, k in (("hidden", None), ("topk", TOPK)):
+        build_teacher_cache(d / f"cache_{kind}", _rows(), old_model=teachers["old"],
+                            new_model=teachers["new"], kind=kind, k=k, temperature=2.0,
+                            progress=False, log=lambda *a, **k: None)
+
+
+def _cache_of(options) -> str | None:
+    return next((o for o in options if o in CACHES), None)
 
 
 def _rows():
@@ -115,10 +142,11 @@ def _training_args(out: Path, per_device: int, **engine):
         seed=0, **engine)
 
 
-def _compat_args(path: str):
+def _compat_args(path: str, cache: str | None = None, models: Path | None = None):
     from muscle_fast.train import CompatArguments
 
-    return CompatArguments(fused_linear=path == "fused", chunk_size=7, ce_weight=0.5)
+    return CompatArguments(fused_linear=path == "fused", chunk_size=7, ce_weight=0.5,
+                           teacher_cache=None if cache is None else str(models / f"cache_{cache}"))
 
 
 def _history(trainer):
@@ -132,6 +160,7 @@ def _history(trainer):
 
 def _worker(case: str, out: Path, models: Path):
     engine, path, *options = case.split("-")
+    cache = _cache_of(options)
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
     import torch.distributed as dist
@@ -156,18 +185,22 @@ def _worker(case: str, out: Path, models: Path):
     from transformers import TrainerCallback
     from transformers.trainer_utils import SaveStrategy
 
+    import muscle_fast.linear as linear_mod
     import muscle_fast.train.model as model_mod
     from muscle_fast.train import CompatTrainer
 
-    # what the fused loss read: both heads' weights, whole, inside their forwards
+    # what the fused loss read: both heads' weights, whole, inside their forwards (a topk cache's
+    # loss: the student's head only, the teachers sparse; cache.py imports the function from
+    # muscle_fast.linear at each call)
     seen = []
     fused = model_mod.fused_linear_compat_loss
 
     def spy(hidden, weight, *a, old_weight=None, **k):
-        seen.append((tuple(weight.shape), tuple(old_weight.shape)))
+        seen.append((tuple(weight.shape), None if old_weight is None else tuple(old_weight.shape)))
         return fused(hidden, weight, *a, old_weight=old_weight, **k)
 
     model_mod.fused_linear_compat_loss = spy
+    linear_mod.fused_linear_compat_loss = spy
 
     grads = {}
 
@@ -198,10 +231,12 @@ def _worker(case: str, out: Path, models: Path):
                           activation_checkpointing="checkpointing" in options, **kw)
     if "interrupted" in options:  # a checkpoint after step 1, then the run stops
         args.save_strategy, args.save_steps = SaveStrategy.STEPS, 1
-    model = _build(models)  # after TrainingArguments: ZeRO-3 loads the bases under zero.Init
+    # after TrainingArguments: ZeRO-3 loads the bases under zero.Init (and the cached model's
+    # checks read the partitioned base and head)
+    model = _build(models, cache)
     zero_init = hasattr(model.student.get_output_embeddings().weight, "ds_shape")
     trainer = CompatTrainer(model=model, args=args, train_dataset=_rows(),
-                            compat_args=_compat_args(path))
+                            compat_args=_compat_args(path, cache, models))
     if not engine.startswith("zero"):
         _grab_before_clipping(trainer, grads, lambda: full_grads(trainer.model))
     assert trainer.accelerator.num_processes == WORLD
@@ -213,16 +248,23 @@ def _worker(case: str, out: Path, models: Path):
         trainer.add_callback(Stop())
     trainer.train(resume_from_checkpoint=os.environ.get("MUSCLE_TEST_RESUME"))
     placed = {}
-    heads = {"student": model.student.get_output_embeddings(),
-             "old": model.old_model.get_output_embeddings()}
+    old_module = model.old_head if cache is not None else model.old_model
+    heads = {"student": model.student.get_output_embeddings()}
+    if old_module is not None:
+        heads["old"] = (old_module if cache is not None else
+                        old_module.get_output_embeddings())
+    placed["children"] = sorted(n for n, _ in model.named_children())
     for name, head in heads.items():
         w = head.weight
         placed[name] = {"numel": w.numel(), "dtensor": hasattr(w, "full_tensor"),
                         "ds": hasattr(w, "ds_shape")}
     # parameter bytes this rank holds outside a forward: the training engine's (new base, both
     # adapters) and the old model's, against their whole size
-    placed["bytes"] = {"trained": _bytes_held(model.student), "old": _bytes_held(model.old_model)}
-    placed["old_in_compat_model"] = any(m is model.old_model for m in model.modules())
+    placed["bytes"] = {"trained": _bytes_held(model.student)}
+    if old_module is not None:
+        placed["bytes"]["old"] = _bytes_held(old_module)
+    placed["old_in_compat_model"] = (cache is None and
+                                     any(m is model.old_model for m in model.modules()))
     placed["old_engine_stage"] = (None if trainer._old_model_engine is None else
                                   trainer._old_model_engine.zero_optimization_stage())
     placed["fused_reason"] = model._fused_reason
@@ -287,13 +329,13 @@ def _grab_before_clipping(trainer, grads: dict, full_grads) -> None:
     trainer.accelerator.clip_grad_norm_ = grab
 
 
-def _one_process(path: str, out: Path, models: Path) -> dict:
+def _one_process(path: str, out: Path, models: Path, cache: str | None = None) -> dict:
     """The reference: one process, micro-batches of WORLD rows (the ranks' rows side by side)."""
     from muscle_fast.train import CompatTrainer
 
-    model = _build(models)
+    model = _build(models, cache)
     trainer = CompatTrainer(model=model, args=_training_args(out / "trainer", WORLD, use_cpu=True),
-                            train_dataset=_rows(), compat_args=_compat_args(path))
+                            train_dataset=_rows(), compat_args=_compat_args(path, cache, models))
     grads = {}
     _grab_before_clipping(trainer, grads, lambda: {
         n: p.grad.clone() for n, p in model.student.named_parameters() if p.requires_grad})
@@ -320,15 +362,23 @@ def models(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def caches(models):
+    """``models`` with the teacher caches of both kinds beside them (built once, on demand)."""
+    _save_caches(models)
+    return models
+
+
 _REFERENCE: dict = {}
 
 
-def _reference(path: str, models: Path, tmp_path_factory) -> dict:
-    if path not in _REFERENCE:
-        out = tmp_path_factory.mktemp(f"one_process_{path}")
-        _REFERENCE[path] = {**_one_process(path, out, models),
-                            "adapter": _adapter(models, out / "adapter")}
-    return _REFERENCE[path]
+def _reference(path: str, models: Path, tmp_path_factory, cache: str | None = None) -> dict:
+    key = (path, cache)
+    if key not in _REFERENCE:
+        out = tmp_path_factory.mktemp(f"one_process_{path}_{cache}")
+        _REFERENCE[key] = {**_one_process(path, out, models, cache),
+                           "adapter": _adapter(models, out / "adapter")}
+    return _REFERENCE[key]
 
 
 def _close(a, b, what, atol=ATOL, rtol=RTOL):
@@ -349,14 +399,27 @@ CASES = [
     pytest.param("fsdp2-materialised", id="fsdp2-materialised", marks=SLOW),
     pytest.param("zero3-fused-checkpointing", id="zero3-fused-activation-checkpointing",
                  marks=[DEEPSPEED, SLOW]),
+    # from a teacher cache (issue 26): the student alone, no old model loaded at all
+    pytest.param("zero3-fused-hidden", id="zero3-fused-cache-hidden", marks=[DEEPSPEED, SLOW]),
+    pytest.param("zero3-fused-topk", id="zero3-fused-cache-topk", marks=[DEEPSPEED, SLOW]),
+    pytest.param("zero3-materialised-hidden", id="zero3-materialised-cache-hidden",
+                 marks=[DEEPSPEED, SLOW]),
+    pytest.param("zero3-materialised-topk", id="zero3-materialised-cache-topk",
+                 marks=[DEEPSPEED, SLOW]),
+    pytest.param("zero2-fused-hidden", id="zero2-fused-cache-hidden", marks=[DEEPSPEED, SLOW]),
+    pytest.param("fsdp2-fused-hidden", id="fsdp2-fused-cache-hidden", marks=SLOW),
+    pytest.param("fsdp2-fused-topk", id="fsdp2-fused-cache-topk", marks=SLOW),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_factory):
-    engine, path, *_ = case.split("-")
+def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_factory, request):
+    engine, path, *options = case.split("-")
+    cache = _cache_of(options)
+    if cache is not None:
+        request.getfixturevalue("caches")
     ranks = _launch(case, tmp_path, models)
-    ref = _reference(path, models, tmp_path_factory)
+    ref = _reference(path, models, tmp_path_factory, cache)
 
     # the same losses and token-weighted statistics, step by step, on every rank
     assert len(ref["history"]) == STEPS
@@ -389,21 +452,31 @@ def test_engine_training_equals_one_process(case, models, tmp_path, tmp_path_fac
         placed = r["placed"]
         if path == "fused":
             assert placed["fused_reason"] == ""
-            assert r["seen"] == [((VOCAB, 32), (VOCAB, 32))] * (STEPS * GA), r["seen"]
+            # a topk cache's teachers are sparse: the loss reads the student's head alone
+            old_read = None if cache == "topk" else (VOCAB, 32)
+            assert r["seen"] == [((VOCAB, 32), old_read)] * (STEPS * GA), r["seen"]
         else:
             assert placed["fused_reason"] is None and r["seen"] == []
         assert placed["zero_init"] == (engine == "zero3")
         assert placed["checkpointing"] == case.endswith("-checkpointing")
+        if cache is not None:
+            # no old model: the student, and for a hidden cache the old head (from the cache)
+            assert placed["children"] == (["old_head", "student"] if cache == "hidden" else
+                                           ["student"]), placed["children"]
+            assert placed["old_engine_stage"] is None and not placed["old_in_compat_model"]
+            assert ("old" in placed) == (cache == "hidden")
         if engine == "zero3":
             assert placed["student"] == {"numel": 0, "dtensor": False, "ds": True}
-            assert placed["old"] == {"numel": 0, "dtensor": False, "ds": True}
-        if engine.startswith("zero"):
+            if cache != "topk":
+                assert placed["old"] == {"numel": 0, "dtensor": False, "ds": True}
+        if engine.startswith("zero") and cache is None:
             # the old model in its own inference engine (TRL's teachers): ZeRO-3 partitions it,
             # stage 0 replicates it under ZeRO-2
             assert not placed["old_in_compat_model"]
             assert placed["old_engine_stage"] == (3 if engine == "zero3" else 0)
         if engine == "fsdp2":
-            assert placed["student"]["dtensor"] and placed["old"]["dtensor"]
+            assert placed["student"]["dtensor"]
+            assert cache == "topk" or placed["old"]["dtensor"]
         for name, (held, whole, count) in placed["bytes"].items():
             if engine == "zero2":  # ZeRO-2 shards optimizer state and gradients; old: stage 0
                 assert held == whole, (name, held, whole)

@@ -31,6 +31,7 @@ vocabulary, another base model, or a damaged shard is a :class:`TeacherCacheErro
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -59,6 +60,7 @@ from .model import (
     _materialised_loss,
     _output_head,
     _unwrap,
+    _vocab_size,
 )
 
 __all__ = [
@@ -107,10 +109,28 @@ def token_fingerprint(ids: Tensor | Sequence[int]) -> str:
     return _digest([_bytes(t)])
 
 
+@contextlib.contextmanager
+def _whole(params: Iterable[Tensor]):
+    """DeepSpeed ZeRO-3 partitioned parameters (shape (0,) outside a forward) gathered whole for
+    the block, the others as they are. A collective where any is partitioned: every rank calls it,
+    in the same order."""
+    parts = [p for p in params if hasattr(p, "ds_id")]
+    if not parts:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(parts):
+        yield
+
+
 def _tensors_fingerprint(named: Iterable[tuple[str, Tensor]]) -> str:
-    items = sorted(named, key=lambda kv: kv[0])
-    return _digest(c for n, t in items
-                   for c in (f"{n}|{t.dtype}|{tuple(t.shape)}|".encode(), _bytes(t)))
+    h = hashlib.blake2b(digest_size=16)
+    for n, t in sorted(named, key=lambda kv: kv[0]):
+        with _whole([t]):  # one parameter at a time: never a whole ZeRO-3 base gathered at once
+            h.update(f"{n}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(_bytes(t))
+    return h.hexdigest()
 
 
 def _norm_name(name: str) -> str:
@@ -831,6 +851,10 @@ class CachedCompatModel(CompatModel):
     fingerprint), the old head is loaded from the cache (or is the student's, when the two are
     the same weights). Trains with :class:`CompatTrainer`, :func:`compat_training_step` and
     :func:`compat_loss` like :class:`CompatModel`; checkpoints hold only the compatibility adapter.
+
+    Under DeepSpeed ZeRO-3 and FSDP2 the heads' weights are read only inside the heads' forwards
+    (whole there; partitioned or sharded outside), as :class:`CompatModel` reads them, and the
+    checks at construction gather each partitioned parameter in turn.
     """
 
     def __init__(self, student: nn.Module, cache: TeacherCache | str | os.PathLike):
@@ -841,6 +865,7 @@ class CachedCompatModel(CompatModel):
         self.config = student.config
         self.cache = cache if isinstance(cache, TeacherCache) else TeacherCache(cache)
         self._fused_reason = None
+        self._vocab = _vocab_size(student)  # ZeRO-3: the partitioned head's whole shape
         self.old_head = None
         self._check_student()
         for n, p in student.named_parameters():
@@ -850,7 +875,7 @@ class CachedCompatModel(CompatModel):
     def _check_student(self) -> None:
         c, m = self.cache, self.cache.manifest
         head = _output_head(self.student)
-        vocab = int(head.weight.shape[0])
+        vocab = self._vocab
         if vocab != c.vocab_size:
             raise TeacherCacheError(f"the student has a vocabulary of {vocab}, the teacher cache "
                                     f"{c.directory} was built at {c.vocab_size}")
@@ -905,7 +930,7 @@ class CachedCompatModel(CompatModel):
         if compat_args is not None:
             if labels is None:
                 raise ValueError("compat_args needs labels")
-            self.cache.check_args(compat_args, int(_output_head(self.student).weight.shape[0]))
+            self.cache.check_args(compat_args, self._vocab)
             if self._fused_problem(input_ids.device) is None:
                 return self._cached_fused_loss(input_ids, attention_mask, labels, compat_args,
                                                num_items, **kwargs)
@@ -927,8 +952,8 @@ class CachedCompatModel(CompatModel):
             return self.cache.sparse(input_ids, attention_mask, labels)
         old_h, new_h = self.cache.hidden(input_ids, attention_mask, labels)
         oh, nh = self._old_head(), _output_head(self.student)
-        nh = getattr(nh, "base_layer", nh)
-        return F.linear(old_h, oh.weight, oh.bias), F.linear(new_h, nh.weight, nh.bias)
+        return _head_linear(getattr(oh, "base_layer", oh), old_h), \
+            _head_linear(getattr(nh, "base_layer", nh), new_h)
 
     def _cached_fused_loss(self, input_ids, attention_mask, labels, args, num_items, **kwargs):
         from muscle_fast.linear import fused_linear_compat_loss
@@ -943,9 +968,20 @@ class CachedCompatModel(CompatModel):
         result = {}
 
         def student_head(h):
-            if self.cache.kind == "hidden":
-                result["loss"] = _fused_linear_loss(h, head, old_h, self._old_head(), new_h,
-                                                    labels, args, num_items)
+            # called as head(h): this head's weight is whole now (ZeRO-3 gathers it in the
+            # head's forward, FSDP2 in its unit's); a separate old head is read inside its own
+            # forward, called from here, as CompatModel's fused loss does
+            if self.cache.kind == "hidden" and self.old_head is not None:
+                def old_head_forward(_):
+                    result["loss"] = _fused_linear_loss(h, head, old_h, self.old_head, new_h,
+                                                        labels, args, num_items)
+                    return h.new_zeros((0,))
+
+                with _head_forward(self.old_head, old_head_forward):
+                    self.old_head(old_h[:0])
+            elif self.cache.kind == "hidden":  # one head serves both teachers
+                result["loss"] = _fused_linear_loss(h, head, old_h, head, new_h, labels, args,
+                                                    num_items)
             else:
                 w, b = head.weight, head.bias
                 if w.dtype != h.dtype:
@@ -967,11 +1003,29 @@ class CachedCompatModel(CompatModel):
         return loss, stats, None
 
 
+@torch.no_grad()
+def _head_linear(head: nn.Module, h: Tensor) -> Tensor:
+    """``F.linear(h, head.weight, head.bias)`` run as ``head``'s forward, where a ZeRO-3 or FSDP2
+    sharded weight is whole."""
+    out = {}
+
+    def linear(x):
+        out["z"] = F.linear(x, head.weight, head.bias)
+        return out["z"]
+
+    with _head_forward(head, linear):
+        head(h)
+    return out["z"]
+
+
 def cached_model(model: nn.Module, teacher_cache) -> nn.Module:
     """``model`` set up to read its teachers from ``teacher_cache``: a :class:`CachedCompatModel`
-    (or a DDP/FSDP wrapper of one) as is; a peft student, or a live :class:`CompatModel` (its
-    student only), wrapped once (the wrapper is kept on the student for the next call)."""
+    (or a DDP/FSDP/DeepSpeed wrapper of one) as is; a peft student, or a live
+    :class:`CompatModel` (its student only), wrapped once (the wrapper is kept on the student for
+    the next call)."""
     inner = _unwrap(model)
+    if type(inner).__name__ == "DeepSpeedEngine":  # CompatTrainer under DeepSpeed passes its engine
+        inner = _unwrap(inner.module)
     directory = os.path.abspath(os.fspath(getattr(teacher_cache, "directory", teacher_cache)))
     if isinstance(inner, CachedCompatModel):
         if os.path.abspath(inner.cache.directory) != directory:
