@@ -9,9 +9,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from muscle_fast.train.demo import (
+    CACHE_ROWS,
+    CACHE_TOPK_K,
     COMPAT_ROWS,
     DEFAULT_SEEDS,
     OPS,
+    ROW_NAMES,
     V1,
     V2,
     DemoConfig,
@@ -227,6 +230,47 @@ def test_demo_quick(tmp_path):
     for row in COMPAT_ROWS:  # plain peft adapters
         assert (run / f"compat_{row}" / "adapter_model.safetensors").exists()
     assert len(list((out / "cache").glob("base_v*"))) == 2
+    _check_cache_rows(m, d, run)
+
+
+def _check_cache_rows(m, d, run):
+    """Issue 24: MUSCLE trained from a teacher cache of each kind, beside the live row. The
+    ``hidden`` cache is exact: the same steps, the same adapter, the same answers as live; the
+    ``topk`` cache keeps a real cut of the vocabulary and trains another adapter."""
+    import torch
+    from safetensors.torch import load_file
+
+    rows = list(m)
+    assert rows[rows.index("muscle") + 1:rows.index("muscle") + 3] == list(CACHE_ROWS)
+    assert ROW_NAMES["muscle_cache_hidden"] == "MUSCLE (cache: hidden)"
+    assert ROW_NAMES["muscle_cache_topk"] == f"MUSCLE (cache: topk, k={CACHE_TOPK_K})"
+    assert 1 < CACHE_TOPK_K < len(build_tokenizer()) == 22  # a real cut of the vocabulary
+    caches = d["teacher_caches"]
+    assert caches["muscle_cache_hidden"]["kind"] == "hidden"
+    assert caches["muscle_cache_hidden"]["k"] is None
+    assert caches["muscle_cache_topk"]["kind"] == "topk"
+    assert caches["muscle_cache_topk"]["k"] == DemoConfig.quick().cache_topk_k == CACHE_TOPK_K
+    for c in caches.values():
+        assert c["n_tokens"] > 0 and c["bytes_per_token"] > 0 and c["build_s"] >= 0
+    for kind in CACHE_ROWS.values():
+        assert (run / f"teacher_cache_{kind}" / "manifest.json").exists()
+    # hidden: exact, so the row is the live MUSCLE row, answer for answer
+    live, hidden = m["muscle"], m["muscle_cache_hidden"]
+    assert hidden["nfr"] == live["nfr"] and hidden == live
+    assert d["flip_grids"]["muscle_cache_hidden"] == d["flip_grids"]["muscle"]
+    assert d["n_negative_flips"]["muscle_cache_hidden"] == d["n_negative_flips"]["muscle"]
+    log_live, log_hidden = d["train_log"]["muscle"], d["train_log"]["muscle_cache_hidden"]
+    assert [h["step"] for h in log_hidden] == [h["step"] for h in log_live]
+    for a, b in zip(log_live, log_hidden):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7)
+        assert b["frac_to_old"] == a["frac_to_old"]
+    w = {row: load_file(str(run / f"compat_{row}" / "adapter_model.safetensors"))
+         for row in ("muscle", *CACHE_ROWS)}
+    assert set(w["muscle_cache_hidden"]) == set(w["muscle"]) == set(w["muscle_cache_topk"])
+    for key, t in w["muscle"].items():
+        torch.testing.assert_close(w["muscle_cache_hidden"][key], t, rtol=1e-5, atol=1e-7)
+    # topk (k < V): an approximation, so its steps are not the live ones
+    assert any(not torch.equal(w["muscle_cache_topk"][key], t) for key, t in w["muscle"].items())
 
 
 @pytest.mark.slow

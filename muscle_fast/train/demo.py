@@ -42,11 +42,19 @@ import torch
 OPS = ("first", "last", "max", "min", "add", "add2")
 DIGITS = tuple(str(d) for d in range(10))
 SPECIAL = ("<pad>", "<bos>", "<eos>", "=", "Q", "A")
+# k of the ``topk`` teacher-cache row: a real cut of the demo's 22-token vocabulary
+CACHE_TOPK_K = 4
+# MUSCLE trained from a teacher cache (issue 24) built from the same v1/v2 task models over the
+# train rows: ``hidden`` is exact (the same loss as the live row), ``topk`` an approximation
+CACHE_ROWS = {"muscle_cache_hidden": "hidden", "muscle_cache_topk": "topk"}
 # the rows of the table, in order; the compatibility rows are trained from the v2 task adapter
-COMPAT_ROWS = ("muscle", "old_correct", "all_old", "ce_control")
+COMPAT_ROWS = ("muscle", *CACHE_ROWS, "old_correct", "all_old", "ce_control")
 ROW_NAMES = {"v1": "v1 (old task model)", "v2": "v2 (new task model)",
-             "muscle": "MUSCLE (mask=muscle)", "old_correct": "mask=old_correct",
-             "all_old": "plain KD (all_old)", "ce_control": "CE control"}
+             "muscle": "MUSCLE (mask=muscle)",
+             "muscle_cache_hidden": "MUSCLE (cache: hidden)",
+             "muscle_cache_topk": f"MUSCLE (cache: topk, k={CACHE_TOPK_K})",
+             "old_correct": "mask=old_correct", "all_old": "plain KD (all_old)",
+             "ce_control": "CE control"}
 # design F; fixed before any design was run on them (DEMO_RESULTS.md)
 DEFAULT_SEEDS = (24, 25, 26)
 
@@ -122,6 +130,7 @@ class DemoConfig:
     compat_batch: int = 64
     compat_lr: float = 5e-4  # constant
     temperature: float = 2.0
+    cache_topk_k: int = CACHE_TOPK_K  # k of the ``muscle_cache_topk`` row
     rows: Sequence[str] = COMPAT_ROWS
 
     @classmethod
@@ -408,18 +417,60 @@ def _row_args(row: str, cfg: DemoConfig):
     if row == "ce_control":  # the same loop and loss call, cross-entropy only
         return CompatArguments(mask="all_old", temperature=cfg.temperature, kl_weight=0.0,
                                ce_weight=1.0)
+    if row in CACHE_ROWS:  # MUSCLE, its teachers read from the cache
+        return CompatArguments(mask="muscle", temperature=cfg.temperature)
     return CompatArguments(mask=row, temperature=cfg.temperature)
 
 
-def train_compat_row(cfg: DemoConfig, row: str, paths: dict, tok, train, val, quiet: bool):
-    """One compatibility adapter (from the v2 task adapter), trained with
-    ``compat_training_step`` on the train split; every row sees the same batches."""
-    from muscle_fast.train import build_compat_model, compat_training_step
+def build_row_cache(cfg: DemoConfig, kind: str, paths: dict, tok, train, directory) -> dict:
+    """The teacher cache of a ``CACHE_ROWS`` row: ``build_teacher_cache`` run with the seed's v1
+    and v2 task models over the train rows (rebuilt from scratch in ``directory``). Returns its
+    kind, k, build seconds and bytes per token."""
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
 
-    model = build_compat_model(str(paths["v2"]), str(paths["adapter_v2"]), str(paths["v1"]),
-                               str(paths["adapter_v1"]), old_tokenizer=tok, new_tokenizer=tok)
-    opt = torch.optim.AdamW(model.compat_parameters(), lr=cfg.compat_lr)  # constant lr
+    from muscle_fast.train import build_teacher_cache
+
+    def task_model(name: str):
+        base = LlamaForCausalLM.from_pretrained(paths[name])
+        return PeftModel.from_pretrained(base, str(paths[f"adapter_{name}"])).eval()
+
+    k = cfg.cache_topk_k if kind == "topk" else None
+    t0 = time.perf_counter()
+    cache = build_teacher_cache(directory, train, old_model=task_model("v1"),
+                                new_model=task_model("v2"), kind=kind, k=k,
+                                temperature=cfg.temperature, tokenizer=tok, overwrite=True,
+                                progress=False, log=lambda *_: None)
+    seconds = time.perf_counter() - t0
+    m = cache.manifest
+    return {"kind": kind, "k": k, "build_s": round(seconds, 2), "n_tokens": m["n_tokens"],
+            "bytes_per_token": sum(sh["bytes"] for sh in m["shards"]) / m["n_tokens"]}
+
+
+def train_compat_row(cfg: DemoConfig, row: str, paths: dict, tok, train, val, quiet: bool,
+                     cache_dir=None):
+    """One compatibility adapter (from the v2 task adapter), trained with
+    ``compat_training_step`` on the train split; every row sees the same batches. A
+    ``CACHE_ROWS`` row first builds its teacher cache in ``cache_dir`` and then trains the
+    student alone (no v1 body loaded) from it. Returns ``(model, log, val_loss, cache_info)``
+    (``cache_info`` None for a live row)."""
+    from muscle_fast.train import (
+        build_cached_compat_model,
+        build_compat_model,
+        compat_training_step,
+    )
+
     args = _row_args(row, cfg)
+    cache_info = None
+    if row in CACHE_ROWS:
+        cache_info = build_row_cache(cfg, CACHE_ROWS[row], paths, tok, train, cache_dir)
+        model = build_cached_compat_model(str(paths["v2"]), str(paths["adapter_v2"]),
+                                          str(cache_dir), tokenizer=tok)
+        args = replace(args, teacher_cache=str(cache_dir))
+    else:
+        model = build_compat_model(str(paths["v2"]), str(paths["adapter_v2"]), str(paths["v1"]),
+                                   str(paths["adapter_v1"]), old_tokenizer=tok, new_tokenizer=tok)
+    opt = torch.optim.AdamW(model.compat_parameters(), lr=cfg.compat_lr)  # constant lr
     g = torch.Generator().manual_seed(cfg.seed * 100 + 21)
     log, bar = [], _progress(cfg.compat_steps, f"seed {cfg.seed}: compat adapter {row}", quiet)
     for step in range(1, cfg.compat_steps + 1):
@@ -431,7 +482,7 @@ def train_compat_row(cfg: DemoConfig, row: str, paths: dict, tok, train, val, qu
             log.append({"step": step, **stats})
     bar.close()
     val_loss = _val_loss(model.student, _collate(val))
-    return model, log, val_loss
+    return model, log, val_loss, cache_info
 
 
 class _Job:
@@ -510,12 +561,14 @@ class _Job:
         paths = {"v1": self.base_path("v1"), "v2": self.base_path("v2"),
                  "adapter_v1": self.run_dir / "adapter_v1",
                  "adapter_v2": self.run_dir / "adapter_v2"}
-        model, log, val_loss = train_compat_row(self.cfg, self.name, paths, tok,
-                                                task_rows(tok, train_items),
-                                                task_rows(tok, val_items), self.quiet)
+        cache_dir = (self.run_dir / f"teacher_cache_{CACHE_ROWS[self.name]}"
+                     if self.name in CACHE_ROWS else None)
+        model, log, val_loss, cache_info = train_compat_row(
+            self.cfg, self.name, paths, tok, task_rows(tok, train_items),
+            task_rows(tok, val_items), self.quiet, cache_dir)
         model.save_pretrained(self.run_dir / f"compat_{self.name}")
         labels = np.array([_op(*it) for it in test])
-        return {"train_log": log, "val_loss": val_loss,
+        return {"train_log": log, "val_loss": val_loss, "cache": cache_info,
                 "correct": predict(model.student, tok, test) == labels}
 
 
@@ -577,6 +630,8 @@ def seed_result(cfg: DemoConfig, done: dict) -> dict:
                        for n, c in correct.items() if n != "v1"},
         "per_op_acc": per_op,
         "train_log": {row: done["compat", row]["train_log"] for row in cfg.rows},
+        "teacher_caches": {row: done["compat", row]["cache"] for row in cfg.rows
+                           if row in CACHE_ROWS},
         "jobs": jobs, "cpu_s": round(sum(j["cpu_s"] for j in jobs.values()), 1),
     }
     return {"result": {"seed": cfg.seed, "n_test": len(test), "models": models},
@@ -651,8 +706,10 @@ def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet:
     done: dict = {}
     phases = (("base", ("v2", "v1"), "1. pre-trained bases (cached in the output directory)"),
               ("adapter", ("v2", "v1"), "2. task adapters (kept at their best validation loss)"),
-              ("compat", c0.rows, (f"3. compatibility rows, from the v2 task adapter "
-                                  f"({c0.compat_steps} steps each, lr {c0.compat_lr})")))
+              # the cache rows run after the live ones (in the table they sit beside MUSCLE)
+              ("compat", tuple(sorted(c0.rows, key=lambda r: r in CACHE_ROWS)),
+               (f"3. compatibility rows, from the v2 task adapter "
+                f"({c0.compat_steps} steps each, lr {c0.compat_lr})")))
     names = {kind: n for kind, n, _ in phases}
     titles = {kind: title for kind, _, title in phases}
     order = [kind for kind, _, _ in phases]
@@ -764,9 +821,10 @@ def summary_lines(s: dict) -> list[str]:
     keys = (("acc", "acc", False), ("nfr", "NFR", False), ("pfr", "PFR", False),
             ("d_nfr_c", "dNFR_c", True), ("d_pct_nfr_c", "d%NFR_c", True),
             ("dacc_c", "dacc_c", True))
+    width = max(len(ROW_NAMES[name]) for name in s["rows"])
     for name, e in s["rows"].items():
         parts = [f"{label} {cell(e[k], signed)}" for k, label, signed in keys if k in e]
-        lines.append(f"  {ROW_NAMES[name]:<21} " + " | ".join(parts))
+        lines.append(f"  {ROW_NAMES[name]:<{width}} " + " | ".join(parts))
     yn = {True: "yes", False: "no", None: "n/a"}
     for c in s.get("checks", []):
         ce = c["ce_control_val_loss"]

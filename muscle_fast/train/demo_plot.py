@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import numpy as np
 
-_ROWS = ("v2", "muscle", "old_correct", "all_old", "ce_control")
-_LABEL = {"v2": "v2 (new)", "muscle": "MUSCLE", "old_correct": "old_correct",
-          "all_old": "plain KD", "ce_control": "CE control"}
-_COLOR = {"v2": "#999999", "muscle": "#e69138", "old_correct": "#6fa8dc", "all_old": "#8e7cc3",
+from .demo import CACHE_TOPK_K
+
+_ROWS = ("v2", "muscle", "muscle_cache_hidden", "muscle_cache_topk", "old_correct", "all_old",
+         "ce_control")
+_LABEL = {"v2": "v2 (new)", "muscle": "MUSCLE", "muscle_cache_hidden": "MUSCLE, cache: hidden",
+          "muscle_cache_topk": f"MUSCLE, cache: topk k={CACHE_TOPK_K}",
+          "old_correct": "old_correct", "all_old": "plain KD", "ce_control": "CE control"}
+_COLOR = {"v2": "#999999", "muscle": "#e69138", "muscle_cache_hidden": "#f6b26b",
+          "muscle_cache_topk": "#b45f06", "old_correct": "#6fa8dc", "all_old": "#8e7cc3",
           "ce_control": "#6aa84f"}
 
 
