@@ -19,7 +19,10 @@
    ``compat_training_step`` (the fused-linear loss from hidden states, by default) on the train
    split, one per row: ``muscle``, ``old_correct``, plain KD
    (``all_old``), and the CE control (the same loop with ``kl_weight=0, ce_weight=1``: the v2
-   task adapter trained further with cross-entropy only; same steps, lr, batches).
+   task adapter trained further with cross-entropy only; same steps, lr, batches). Two more
+   rows train MUSCLE from a teacher cache (``build_teacher_cache`` over the train rows, the
+   student alone): ``hidden`` (exact: equals the live MUSCLE row) and ``topk`` with k=4 of the
+   22 tokens (an approximation).
 5. Several seeds in one command: three phases (bases, task adapters, compatibility rows), each
    phase's units over all seeds in parallel processes; a table per seed, a summary over seeds,
    ``results.json``, ``details.json`` and ``flips.png``.
