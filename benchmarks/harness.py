@@ -678,6 +678,20 @@ def make_settings(device: torch.device, quick: bool) -> Settings:
 
 
 # ----------------------------------------------------------------------------- gpu_check.sh
+def _check_inputs(V: int, lead, dtype: str, device: str, seed: int):
+    """Student, old and new logits near one another at vocabulary ``V`` (half the labels the
+    base's argmax, two ignored): the generator (for further draws), z, o, w, y."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    base = 2 * torch.randn(*lead, V, device=device, generator=g)
+    z = base.to(DTYPES[dtype])
+    o = (base + torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
+    w = (base + 0.5 * torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
+    y = torch.where(torch.rand(lead, device=device, generator=g) < 0.5, base.argmax(-1),
+                    torch.randint(0, V, lead, device=device, generator=g))
+    y.view(-1)[:2] = -100
+    return g, z, o, w, y
+
+
 def vocab_correctness(V: int = 128256, lead=(4, 16), dtype: str = "bf16", impl: str = "triton",
                       device: str = "cuda") -> int:
     """Every mask at a real vocabulary: ``fused_compat_loss(impl=...)`` loss and gradient vs the
@@ -686,14 +700,7 @@ def vocab_correctness(V: int = 128256, lead=(4, 16), dtype: str = "bf16", impl: 
     import muscle_fast as mf
     from muscle_fast.ops.compat_loss.reference import MASKS, compat_loss_reference
 
-    g = torch.Generator(device=device).manual_seed(0)
-    base = 2 * torch.randn(*lead, V, device=device, generator=g)
-    z = base.to(DTYPES[dtype])
-    o = (base + torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
-    w = (base + 0.5 * torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
-    y = torch.where(torch.rand(lead, device=device, generator=g) < 0.5, base.argmax(-1),
-                    torch.randint(0, V, lead, device=device, generator=g))
-    y.view(-1)[:2] = -100
+    g, z, o, w, y = _check_inputs(V, lead, dtype, device, seed=0)
     up = torch.randn(lead, device=device, generator=g)
     failed = 0
     for mask in MASKS:
@@ -727,14 +734,7 @@ def sparse_correctness(V: int = 128256, lead=(4, 16), k: int = 64, dtype: str = 
     from muscle_fast import SparseTeacher
     from muscle_fast.ops.compat_loss.reference import compat_loss_reference
 
-    g = torch.Generator(device=device).manual_seed(1)
-    base = 2 * torch.randn(*lead, V, device=device, generator=g)
-    z = base.to(DTYPES[dtype])
-    o = (base + torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
-    w = (base + 0.5 * torch.randn(base.shape, device=device, generator=g)).to(DTYPES[dtype])
-    y = torch.where(torch.rand(lead, device=device, generator=g) < 0.5, base.argmax(-1),
-                    torch.randint(0, V, lead, device=device, generator=g))
-    y.view(-1)[:2] = -100
+    _, z, o, w, y = _check_inputs(V, lead, dtype, device, seed=1)
     failed = 0
     for kk, mask in ((k, "muscle"), (k, "old_correct")) + (((V, "muscle"),) if full_k else ()):
         so = SparseTeacher.from_logits(o, k=kk, temperature=TEMPERATURE, labels=y)
