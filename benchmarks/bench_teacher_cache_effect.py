@@ -36,22 +36,23 @@ def run_seed(demo_dir: str, seed: int, k: int, tmp: str) -> list[dict]:
         build_teacher_cache,
         compat_training_step,
     )
-    from muscle_fast.train import demo as D
+    from muscle_fast.train.demo import run as D
+    from muscle_fast.train.demo import setting as S
 
-    cfg = D.DemoConfig(seed=seed)
+    cfg = S.DemoConfig(seed=seed)
     job = D._Job(Path(demo_dir), cfg, "compat", "muscle", True)
     paths = {"v1": job.base_path("v1"), "v2": job.base_path("v2"),
              "adapter_v1": job.run_dir / "adapter_v1", "adapter_v2": job.run_dir / "adapter_v2"}
-    tok = D.build_tokenizer()
-    test, train_items, _ = D.split_items(cfg)
-    train = D.task_rows(tok, train_items)
-    labels = np.array([D._op(*it) for it in test])
+    tok = S.build_tokenizer()
+    test, train_items, _ = S.split_items(cfg)
+    train = S.task_rows(tok, train_items, cfg)
+    labels = np.array([S.task_answer(it, cfg) for it in test])
     old = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(paths["v1"]),
                                     str(paths["adapter_v1"])).eval()
     new = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(paths["v2"]),
                                     str(paths["adapter_v2"])).eval()
-    old_correct = D.predict(old, tok, test) == labels
-    new_correct = D.predict(new, tok, test) == labels
+    old_correct = (D.predict(old, tok, test, cfg.answer_len) == labels).all(1)
+    new_correct = (D.predict(new, tok, test, cfg.answer_len) == labels).all(1)
     caches = {}
     for kind in ("hidden", "topk"):
         d = os.path.join(tmp, f"seed{seed}_{kind}")
@@ -78,9 +79,9 @@ def run_seed(demo_dir: str, seed: int, k: int, tmp: str) -> list[dict]:
         t0 = time.process_time()
         for _ in range(cfg.compat_steps):
             idx = torch.randint(len(train), (cfg.compat_batch,), generator=g).tolist()
-            compat_training_step(model, D._collate([train[i] for i in idx]), opt, args)
+            compat_training_step(model, S.collate([train[i] for i in idx]), opt, args)
         cpu = time.process_time() - t0
-        correct = D.predict(model.student, tok, test) == labels
+        correct = (D.predict(model.student, tok, test, cfg.answer_len) == labels).all(1)
         row = {"bench": "teacher_cache_effect", "seed": seed, "variant": variant,
                "k": k if variant == "topk" else None, "acc": float(correct.mean()),
                "nfr": float(np.mean(old_correct & ~correct)),
@@ -97,10 +98,15 @@ def run_seed(demo_dir: str, seed: int, k: int, tmp: str) -> list[dict]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--demo", required=True, help="the --out folder of a finished demo run")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[24, 25, 26])
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="seeds of the demo run (default: the demo's default seeds)")
     ap.add_argument("--k", type=int, default=128)
     ap.add_argument("--out", default=os.path.join(HERE, "results", "teacher_cache_effect.jsonl"))
     args = ap.parse_args(argv)
+    if args.seeds is None:
+        from muscle_fast.train.demo import DEFAULT_SEEDS
+
+        args.seeds = list(DEFAULT_SEEDS)
     torch.set_num_threads(1)
     demo = json.load(open(os.path.join(args.demo, "results.json")))  # noqa: SIM115
     env = env_info(torch.device("cpu"))

@@ -1,18 +1,22 @@
-"""The demo's figure: negative flips per row and seed, and the old-vs-row flip grids."""
+"""Step 7 of the demo, its figure: negative flips per row and seed, and the old-vs-row flip grids."""
 from __future__ import annotations
 
 import numpy as np
 
-from .demo import CACHE_TOPK_K
+from .setting import CACHE_TOPK_K
 
 _ROWS = ("v2", "muscle", "muscle_cache_hidden", "muscle_cache_topk", "old_correct", "all_old",
-         "ce_control")
+         "token_likelihood", "sequence_likelihood", "ce_control", "ce_control_4x")
 _LABEL = {"v2": "v2 (new)", "muscle": "MUSCLE", "muscle_cache_hidden": "MUSCLE, cache: hidden",
           "muscle_cache_topk": f"MUSCLE, cache: topk k={CACHE_TOPK_K}",
-          "old_correct": "old_correct", "all_old": "plain KD", "ce_control": "CE control"}
+          "old_correct": "old_correct", "all_old": "plain KD",
+          "token_likelihood": "token_likelihood + CE",
+          "sequence_likelihood": "sequence_likelihood + CE", "ce_control": "CE control",
+          "ce_control_4x": "CE control, 4x steps"}
 _COLOR = {"v2": "#999999", "muscle": "#e69138", "muscle_cache_hidden": "#f6b26b",
           "muscle_cache_topk": "#b45f06", "old_correct": "#6fa8dc", "all_old": "#8e7cc3",
-          "ce_control": "#6aa84f"}
+          "token_likelihood": "#c27ba0", "sequence_likelihood": "#a64d79",
+          "ce_control": "#6aa84f", "ce_control_4x": "#38761d"}
 
 
 def plot_demo(results: list[dict], details: list[dict], path) -> None:
@@ -21,7 +25,7 @@ def plot_demo(results: list[dict], details: list[dict], path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    rows = [r for r in _ROWS if r in details[0]["n_negative_flips"]]
+    rows = [r for r in _ROWS if r in results[0]["models"]]
     grid_rows = [r for r in ("v2", "muscle", "ce_control") if r in rows]
     fig = Figure(figsize=(6 + 3.2 * len(grid_rows), 4.8))
     gs = fig.add_gridspec(1, 1 + len(grid_rows), width_ratios=[2.2] + [1] * len(grid_rows))
@@ -29,7 +33,7 @@ def plot_demo(results: list[dict], details: list[dict], path) -> None:
     width = 0.8 / len(rows)
     x = np.arange(len(results))
     for i, row in enumerate(rows):
-        n = [d["n_negative_flips"][row] for d in details]
+        n = [r["models"][row]["n_negative_flips"] for r in results]
         acc = [r["models"][row]["acc"] for r in results]
         bars = ax.bar(x + (i - (len(rows) - 1) / 2) * width, n, width, color=_COLOR[row],
                       label=_LABEL[row])
