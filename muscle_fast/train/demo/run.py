@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -148,7 +149,8 @@ def run_demo(out_dir="muscle_demo", seeds: Sequence[int] = DEFAULT_SEEDS, quiet:
     configuration."""
     from rich.console import Console
 
-    console = console or Console(quiet=quiet)
+    # a table wider than 80 columns stays one line per row in a log file or a pipe
+    console = console or Console(quiet=quiet, width=None if sys.stdout.isatty() else 132)
     out = Path(out_dir)
     (out / "cache").mkdir(parents=True, exist_ok=True)
     seeds = list(seeds)
