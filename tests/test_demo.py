@@ -310,6 +310,17 @@ def test_summarize_goal():
     assert summarize([seed(0, 0.05, 0.09, acc_m=0.58)])["goal"]["met"] is False
     lines = report.summary_lines(s)
     assert lines[-1].startswith("goal NOT MET")
+    # the verdict names the failing rungs and their seeds whether or not the goal is met
+    ok = [seed(0, 0.05, 0.09), seed(1, 0.06, 0.07)]
+    rung_ok = {k: {"holds": True} for k in ("1_realistic_update", "2_converged_adapters",
+                                            "3_kd_from_v1_can_help", "4_muscle_vs_control")}
+    g = [rung_ok, dict(rung_ok, **{"2_converged_adapters": {"holds": False},
+                                   "3_kd_from_v1_can_help": {"holds": False}})]
+    last = report.summary_lines(summarize(ok, g))[-1]
+    assert last == ("goal MET; rungs that fail: 2 converged adapters on seed 1; "
+                    "3 KD from v1 can help on seed 1")
+    assert report.summary_lines(summarize(ok, [rung_ok, rung_ok]))[-1] == (
+        "goal MET; every rung holds")
 
 
 def test_demo_quick(tmp_path):

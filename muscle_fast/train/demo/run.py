@@ -55,10 +55,19 @@ class _Job:
         return self.cfg.seed * 100 + (1 if name == "v1" else 2)
 
     def __call__(self) -> dict:
+        import warnings
+
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        # third-party notices that say nothing about the demo: peft reads a property that
+        # transformers 5 deprecated; DeepSpeed, where installed, is imported by save_pretrained
+        # and announces that it found no GPU (the demo runs on the CPU by design)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
+                                category=FutureWarning)
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         t, cpu = time.perf_counter(), time.process_time()
