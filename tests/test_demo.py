@@ -321,6 +321,7 @@ def test_summarize_goal():
                     "3 KD from v1 can help on seed 1")
     assert report.summary_lines(summarize(ok, [rung_ok, rung_ok]))[-1] == (
         "goal MET; every rung holds")
+    assert report.summary_lines(summarize(ok))[-1] == "goal MET"  # no rungs measured: no claim
 
 
 def test_demo_quick(tmp_path):

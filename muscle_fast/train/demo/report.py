@@ -276,6 +276,7 @@ def summary_lines(s: dict) -> list[str]:
             if where:
                 failed.append(f"{names[k]} on seed{'s' if len(where) > 1 else ''} "
                               f"{', '.join(where)}")
-        lines.append(f"goal {'MET' if g['met'] else 'NOT MET'}" + (
-            f"; rungs that fail: {'; '.join(failed)}" if failed else "; every rung holds"))
+        rungs_said = ("" if not s.get("rungs") else f"; rungs that fail: {'; '.join(failed)}"
+                      if failed else "; every rung holds")
+        lines.append(f"goal {'MET' if g['met'] else 'NOT MET'}{rungs_said}")
     return lines
