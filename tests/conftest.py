@@ -56,8 +56,13 @@ def _interpreter_patches_the_language_once_a_launch():
         def restore(self):
             pass
 
+    seen = {}  # fn -> ids of the language modules its globals hold (globals are fixed)
+
     def langs(fn):
-        return {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if fn not in seen:
+            seen[fn] = {id(v) for v in fn.__globals__.values()
+                        if inspect.ismodule(v) and v in (tl, tl.core)}
+        return seen[fn]
 
     def patch_lang_once(fn):
         wanted = langs(fn)
@@ -78,9 +83,66 @@ def _interpreter_patches_the_language_once_a_launch():
     interpreter.GridExecutor.__call__ = launch_and_forget
 
 
+def _interpreter_reduces_as_a_tree():
+    """The interpreter's tl.reduce with a combine function of its own (not max/min/sum, which
+    it hands to numpy) folds the elements one at a time in Python: a block of B elements costs
+    B - 1 interpreted calls of the combine function, over half of an interpreted test's time.
+    The hardware reduces as a tree; so does this, combining neighbouring pairs (element 2i with
+    2i + 1, order kept, so only the associativity tl.reduce asks of a combine function is used;
+    Triton's block dimensions are powers of two): log2(B) calls, each on half the elements.
+    Kernels unchanged; a sum is then formed in the hardware's pairwise order rather than left
+    to right (tests/test_conftest_interpreter.py checks it against the fold)."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    ops = getattr(interpreter, "ReduceOps", None)
+    if ops is None or not hasattr(ops, "generic_reduce") or getattr(ops, "_tree", False):
+        return
+
+    def tree_reduce(self, input):
+        original_axis, axis = self.axis, 0 if self.axis is None else self.axis
+        dtypes = [arg.dtype for arg in input]
+        data = [arg.handle.data.reshape(-1) if original_axis is None else arg.handle.data
+                for arg in input]  # (the fold's unravel flattens only the first of a tuple)
+        shape = data[0].shape
+        if shape[axis] & (shape[axis] - 1):  # not a power of two (Triton allows none): the fold
+            return ops._fold(self, input)
+        while data[0].shape[axis] > 1:
+            n = data[0].shape[axis]
+            pick = lambda d, s: d[(slice(None),) * axis + (s,)]
+            left = [self.to_tensor(np.ascontiguousarray(pick(d, slice(0, n - 1, 2))), t)
+                    for d, t in zip(data, dtypes)]
+            right = [self.to_tensor(np.ascontiguousarray(pick(d, slice(1, n, 2))), t)
+                     for d, t in zip(data, dtypes)]
+            out = self.combine_fn.fn(*left, *right)
+            out = out if isinstance(out, tuple) else (out,)
+            pairs = left[0].handle.data.shape
+            data = [np.ascontiguousarray(np.broadcast_to(np.asarray(
+                o.handle.data if isinstance(o, tl.core.tensor) else o, dtype=d.dtype), pairs))
+                for o, d in zip(out, data)]
+        ret = []
+        for d, t in zip(data, dtypes):
+            if self.keep_dims:
+                if original_axis is None:
+                    d = d.reshape((1,) * len(shape))
+            elif original_axis is None:
+                d = d.reshape(()).item()
+            else:
+                d = np.squeeze(d, axis=axis)
+            ret.append(self.to_tensor(d, t))
+        return ret
+
+    ops._fold = ops.generic_reduce
+    ops.generic_reduce = tree_reduce
+    ops._tree = True
+
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _interpreter_rounds_bf16_to_nearest_even()
     _interpreter_patches_the_language_once_a_launch()
+    _interpreter_reduces_as_a_tree()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -150,6 +212,7 @@ def _module_fixture_group(item):
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     if config.pluginmanager.hasplugin("xdist"):
         for item in items:
