@@ -1,4 +1,5 @@
 """Shared test setup: seeds, the gpu marker, the pass rule and its tolerance table."""
+import itertools
 import os
 
 import torch
@@ -184,6 +185,32 @@ try:  # CI runs the property tests on a fixed sequence of examples (reproducible
         _hyp_settings.load_profile("ci")
 except ImportError:
     pass
+
+
+def matrix(*axes, slow_if=None):
+    """Every combination of the axes' values as pytest params (ids joined by "-"), those for which
+    ``slow_if(*values)`` holds marked ``slow``. An axis is a list of plain values or of
+    single-value pytest params (their ids and marks kept). For a cross product that the Triton
+    interpreter makes slow (seconds a case): the default run keeps a covering part of it, the
+    slow run the rest."""
+    def norm(axis):
+        out = []
+        for v in axis:
+            if isinstance(v, type(pytest.param(0))):
+                out.append((v.values[0], v.id if v.id is not None else str(v.values[0]),
+                            list(v.marks)))
+            else:
+                out.append((v, getattr(v, "__name__", str(v)), []))
+        return out
+
+    cases = []
+    for combo in itertools.product(*map(norm, axes)):
+        values = [c[0] for c in combo]
+        marks = [m for c in combo for m in c[2]]
+        if slow_if is not None and slow_if(*values):
+            marks.append(pytest.mark.slow)
+        cases.append(pytest.param(*values, id="-".join(c[1] for c in combo), marks=marks))
+    return cases
 
 
 @pytest.fixture(scope="module")
