@@ -140,10 +140,72 @@ def _interpreter_reduces_as_a_tree():
     ops._tree = True
 
 
+def _interpreter_reuses_types():
+    """Triton 3.9's interpreter rebuilds, at every operation of every program, values that depend
+    on types alone: the numpy dtype of a Triton dtype (a dict built per call), a block type per
+    scalar splat (`with_element_ty`: shape validation, a name string), and the broadcast of two
+    blocks of one shape (a no-op, reached through shape lists). Memoised or short-cut here, each
+    returning what the original returns: about a sixth of an interpreted kernel's time (loop
+    path, 15 rows, best of 6 calls, three alternated runs: 0.63-0.71 -> 0.52-0.57 s a call).
+    Each patch stands down if its target is not there."""
+    try:
+        import triton.language as tl
+        from triton.language import semantic
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    np_dtype = getattr(interpreter, "_get_np_dtype", None)
+    if np_dtype is not None and not getattr(np_dtype, "_memo", False):
+        memo = {}
+
+        def get_np_dtype(tt_dtype):
+            try:
+                return memo[tt_dtype]
+            except KeyError:
+                memo[tt_dtype] = out = np_dtype(tt_dtype)
+                return out
+            except TypeError:  # an unhashable type (a pointer type)
+                return np_dtype(tt_dtype)
+
+        get_np_dtype._memo = True
+        interpreter._get_np_dtype = get_np_dtype
+
+    block_type = getattr(tl.core, "block_type", None)
+    with_elt = getattr(block_type, "with_element_ty", None)
+    if with_elt is not None and not getattr(with_elt, "_memo", False):
+        types = {}
+
+        def with_element_ty(self, scalar_ty):
+            try:
+                key = (scalar_ty, self.shape)
+                out = types.get(key)
+            except TypeError:
+                return with_elt(self, scalar_ty)
+            if out is None:
+                out = types[key] = with_elt(self, scalar_ty)
+            return out
+
+        with_element_ty._memo = True
+        block_type.with_element_ty = with_element_ty
+
+    sem = getattr(semantic, "TritonSemantic", None)
+    broadcast = getattr(sem, "broadcast_impl_value", None)
+    if broadcast is not None and not getattr(broadcast, "_memo", False):
+        def broadcast_impl_value(self, lhs, rhs):
+            lt, rt = lhs.type, rhs.type
+            if lt.is_block() and rt.is_block() and lt.shape == rt.shape:
+                return lhs, rhs  # what the original returns for two blocks of one shape
+            return broadcast(self, lhs, rhs)
+
+        broadcast_impl_value._memo = True
+        sem.broadcast_impl_value = broadcast_impl_value
+
+
 if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     _interpreter_rounds_bf16_to_nearest_even()
     _interpreter_patches_the_language_once_a_launch()
     _interpreter_reduces_as_a_tree()
+    _interpreter_reuses_types()
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
