@@ -251,23 +251,23 @@ except ImportError:
 
 def matrix(*axes, slow_if=None):
     """Every combination of the axes' values as pytest params (ids joined by "-"), those for which
-    ``slow_if(*values)`` holds marked ``slow``. An axis is a list of plain values or of
-    single-value pytest params (their ids and marks kept). For a cross product that the Triton
-    interpreter makes slow (seconds a case): the default run keeps a covering part of it, the
-    slow run the rest."""
+    ``slow_if(*values)`` holds marked ``slow``. An axis is a list of plain values or of pytest
+    params (their values, ids and marks kept; a param of several values fills several argnames).
+    For a cross product that the Triton interpreter makes slow (seconds a case): the default run
+    keeps a covering part of it, the slow run the rest."""
     def norm(axis):
         out = []
         for v in axis:
             if isinstance(v, type(pytest.param(0))):
-                out.append((v.values[0], v.id if v.id is not None else str(v.values[0]),
-                            list(v.marks)))
+                out.append((tuple(v.values), v.id if v.id is not None else
+                            "-".join(map(str, v.values)), list(v.marks)))
             else:
-                out.append((v, getattr(v, "__name__", str(v)), []))
+                out.append(((v,), getattr(v, "__name__", str(v)), []))
         return out
 
     cases = []
     for combo in itertools.product(*map(norm, axes)):
-        values = [c[0] for c in combo]
+        values = [x for c in combo for x in c[0]]
         marks = [m for c in combo for m in c[2]]
         if slow_if is not None and slow_if(*values):
             marks.append(pytest.mark.slow)
