@@ -209,6 +209,14 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# Under pytest-xdist (`make test`) each worker gets its share of the cores for torch's intra-op
+# threads (and the native backend's pool, which follows torch): two workers of two threads each
+# on two cores made every multi-threaded op wait on the other worker (OpenMP spins), and the
+# native tests ran 5x slower than alone. Tests that need a thread count set their own.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (_cores or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # atol of the pass rule, per input dtype: the floor under `2 * |torch_same_dtype - ref64|` where
 # that error happens to be ~0 (e.g. a loss that float32 gets exactly right by luck). It is an
 # absolute floor for values of order 1 and scales with the reference's magnitude above that
