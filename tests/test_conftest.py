@@ -93,3 +93,16 @@ def test_a_module_fixture_keeps_its_module_on_one_worker(_module_state, request)
         pytest.skip("not under pytest-xdist --dist loadgroup")
     assert request.node.get_closest_marker("xdist_group") is not None
     assert request.node.nodeid.endswith("@tests/test_conftest.py"), request.node.nodeid
+
+
+def test_matrix_marks_the_slow_part_and_keeps_ids_and_marks():
+    from conftest import matrix
+
+    gpu = pytest.mark.gpu
+    cases = matrix(["a", "b"], [pytest.param(1, 2, id="one-two"),
+                                pytest.param(3, 4, id="x", marks=gpu)],
+                   slow_if=lambda s, i, j: s == "b" and i == 1)
+    assert [c.id for c in cases] == ["a-one-two", "a-x", "b-one-two", "b-x"]
+    assert [c.values for c in cases] == [("a", 1, 2), ("a", 3, 4), ("b", 1, 2), ("b", 3, 4)]
+    names = [sorted(m.name for m in c.marks) for c in cases]
+    assert names == [[], ["gpu"], ["slow"], ["gpu"]]

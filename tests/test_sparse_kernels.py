@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, assert_pass_rule, matrix
+from conftest import DEVICE, matrix
 from test_sparse_teacher import check, run, upstream_for
 
 import muscle_fast as mf
