@@ -92,7 +92,7 @@ def _interpreter_reduces_as_a_tree():
     2i + 1, order kept, so only the associativity tl.reduce asks of a combine function is used;
     Triton's block dimensions are powers of two): log2(B) calls, each on half the elements.
     Kernels unchanged; a sum is then formed in the hardware's pairwise order rather than left
-    to right (tests/test_conftest_interpreter.py checks it against the fold)."""
+    to right (tests/test_conftest.py checks it against the fold)."""
     try:
         import triton.language as tl
         from triton.runtime import interpreter
@@ -110,9 +110,11 @@ def _interpreter_reduces_as_a_tree():
         shape = data[0].shape
         if shape[axis] & (shape[axis] - 1):  # not a power of two (Triton allows none): the fold
             return ops._fold(self, input)
+        def pick(d, s):  # the elements s of d along the axis
+            return d[(slice(None),) * axis + (s,)]
+
         while data[0].shape[axis] > 1:
             n = data[0].shape[axis]
-            pick = lambda d, s: d[(slice(None),) * axis + (s,)]
             left = [self.to_tensor(np.ascontiguousarray(pick(d, slice(0, n - 1, 2))), t)
                     for d, t in zip(data, dtypes)]
             right = [self.to_tensor(np.ascontiguousarray(pick(d, slice(1, n, 2))), t)
